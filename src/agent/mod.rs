@@ -1,0 +1,291 @@
+//! `iac-agent`: dials out to the server, holds WS 1, runs Terraform. Threads:
+//!
+//! - **C&C** ([`control::run`], the caller's thread): registers, connects WS 1, reconnects
+//!   with backoff and jitter, sends the state heartbeat, reads commands. It owns the WS 1
+//!   socket; everyone else reaches it through the [`Mailbox`] in [`Ctx`].
+//! - **workers** ([`runner::run_task`]): one thread per running task (plans run
+//!   concurrently up to the limit; an apply runs alone, as the [`scheduler`] decides).
+//!   Each uploads its phase logs ([`uploader`]) and reports through the mailbox.
+//! - **cancel timers**: a short-lived thread per cancel, to SIGKILL after the grace period.
+
+pub(crate) mod control;
+pub(crate) mod runner;
+pub(crate) mod scheduler;
+pub(crate) mod uploader;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::cli::{FlagSpec, Flags};
+use crate::protocol::Labels;
+use crate::wsloop::{self, Mailbox};
+
+/// Flags that take a value, with their environment variable and help.
+pub const FLAGS: &[FlagSpec] = &[
+    ("--server", "IAC_SERVER", "server URL, http:// (required)"),
+    ("--registration-token", "IAC_REGISTRATION_TOKEN", "token to register with (required)"),
+    ("--name", "IAC_AGENT_NAME", "agent name (default: host name)"),
+    ("--plan-limit", "IAC_PLAN_LIMIT", "plans to run at once (default: number of CPUs)"),
+    ("--work-dir", "IAC_WORK_DIR", "task dirs and log files (default ./iac-agent-work)"),
+    ("--terraform", "IAC_TERRAFORM", "terraform binary (default: terraform from PATH)"),
+    ("--ca-cert", "IAC_CA_CERT", "PEM CA bundle to trust besides the system roots (https only)"),
+    ("--label", "IAC_LABELS", "KEY=VALUE, repeatable (environment: k=v,k=v)"),
+    ("--cancel-grace-s", "IAC_CANCEL_GRACE_S", "seconds between SIGINT and SIGKILL on cancel (default 60)"),
+    ("--log-level", "IAC_LOG", "error, warn, info, debug or trace (default info)"),
+];
+
+/// The agent's checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerUrl,
+    pub registration_token: String,
+    pub name: String,
+    pub hostname: String,
+    pub plan_limit: u32,
+    pub work_dir: PathBuf,
+    pub terraform: PathBuf,
+    pub labels: Labels,
+    pub cancel_grace: Duration,
+}
+
+/// The server's base URL, split for HTTP and WebSocket use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerUrl {
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash ("" for none).
+    pub base: String,
+}
+
+impl ServerUrl {
+    pub fn parse(s: &str) -> Result<ServerUrl, String> {
+        let uri: tungstenite::http::Uri = s
+            .parse()
+            .map_err(|e| format!("--server {s:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err("https:// servers need TLS, which this build does not have yet; \
+                            use http:// (e.g. through an SSH tunnel or a TLS proxy)"
+                    .into())
+            }
+            _ => return Err(format!("--server {s:?} must start with http://")),
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("--server {s:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Ok(ServerUrl {
+            host,
+            port: uri.port_u16().unwrap_or(80),
+            base: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}{path}", self.authority(), self.base)
+    }
+
+    pub fn ws(&self, path: &str) -> String {
+        format!("ws://{}{}{path}", self.authority(), self.base)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
+/// Parses `k=v` labels.
+pub fn parse_labels<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Labels, String> {
+    let mut labels = Labels::new();
+    for item in items {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("label {item:?} must be KEY=VALUE"))?;
+        if k.trim().is_empty() {
+            return Err(format!("label {item:?} has an empty key"));
+        }
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+impl Config {
+    pub fn from_flags(flags: &Flags) -> Result<Config, String> {
+        let get = |name: &str| flags.value(name, FLAGS);
+        let server = get("--server").ok_or("--server (or IAC_SERVER) is required, e.g. --server http://iac.example:8080")?;
+        let registration_token = get("--registration-token")
+            .ok_or("--registration-token (or IAC_REGISTRATION_TOKEN) is required")?;
+        let host = hostname();
+        let name = get("--name").unwrap_or_else(|| host.clone());
+        if !crate::protocol::valid_task_id(&name) {
+            return Err(format!(
+                "agent name {name:?} must be 1-64 letters, digits, '.', '_' or '-'"
+            ));
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let flag_labels = flags.values("--label");
+        let labels = if flag_labels.is_empty() {
+            parse_labels(get("--label").unwrap_or_default().split(','))?
+        } else {
+            parse_labels(flag_labels.iter().map(String::as_str))?
+        };
+        if get("--ca-cert").is_some() {
+            log::warn!("--ca-cert is ignored: this build talks plain http:// only");
+        }
+        Ok(Config {
+            server: ServerUrl::parse(&server)?,
+            registration_token,
+            name,
+            hostname: host,
+            plan_limit: flags.number("--plan-limit", FLAGS, cpus, 1..=1024)? as u32,
+            work_dir: PathBuf::from(get("--work-dir").unwrap_or_else(|| "./iac-agent-work".into())),
+            terraform: PathBuf::from(get("--terraform").unwrap_or_else(|| "terraform".into())),
+            labels,
+            cancel_grace: Duration::from_secs(flags.number("--cancel-grace-s", FLAGS, 60, 0..=86_400)?),
+        })
+    }
+}
+
+/// Why the agent stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server refused the registration token: retrying cannot help.
+    Refused(String),
+    Io(String, std::io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Refused(s) => write!(f, "{s}"),
+            Error::Io(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The agent's identity, from its last registration.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub agent_id: String,
+    pub token: String,
+    pub heartbeat: Duration,
+}
+
+/// What the C&C thread and the workers share.
+pub(crate) struct Ctx {
+    pub config: Config,
+    pub http: ureq::Agent,
+    pub scheduler: scheduler::Scheduler,
+    pub mailbox: Mailbox,
+    credentials: Mutex<Option<Credentials>>,
+    cancels: Mutex<HashMap<String, Arc<runner::Cancel>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a single read or assignment.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ctx {
+    pub fn credentials(&self) -> Option<Credentials> {
+        lock(&self.credentials).clone()
+    }
+
+    pub fn set_credentials(&self, c: Option<Credentials>) {
+        *lock(&self.credentials) = c;
+    }
+
+    pub fn cancels(&self) -> MutexGuard<'_, HashMap<String, Arc<runner::Cancel>>> {
+        lock(&self.cancels)
+    }
+
+    /// Queues an event for the server. Events wait in the mailbox while WS 1 is down.
+    pub fn report(&self, msg: &crate::protocol::AgentMsg) {
+        let text = serde_json::to_string(msg).expect("an event always serializes");
+        self.mailbox.send_text(text);
+    }
+}
+
+/// Runs the agent until it is refused or the process ends.
+pub fn run(config: Config) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.work_dir)
+        .map_err(|e| Error::Io(format!("cannot create work dir {}", config.work_dir.display()), e))?;
+    let http = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(300)))
+            .user_agent(format!("iac-agent/{}", crate::VERSION))
+            .build(),
+    );
+    let (mailbox, inbox) =
+        wsloop::mailbox().map_err(|e| Error::Io("cannot create the C&C mailbox".into(), e))?;
+    let ctx = Arc::new(Ctx {
+        scheduler: scheduler::Scheduler::new(config.plan_limit),
+        config,
+        http,
+        mailbox,
+        credentials: Mutex::new(None),
+        cancels: Mutex::new(HashMap::new()),
+    });
+    log::info!(
+        "agent {} starting: server {}, plan limit {}, labels {:?}",
+        ctx.config.name,
+        ctx.config.server.http(""),
+        ctx.config.plan_limit,
+        ctx.config.labels
+    );
+    control::run(ctx, inbox)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        let u = ServerUrl::parse("http://iac.example:8080/base/").unwrap();
+        assert_eq!(u.http("/agents/register"), "http://iac.example:8080/base/agents/register");
+        assert_eq!(u.ws("/agent/control"), "ws://iac.example:8080/base/agent/control");
+        let u = ServerUrl::parse("http://[::1]:9").unwrap();
+        assert_eq!(u.ws("/x"), "ws://[::1]:9/x");
+        assert_eq!(ServerUrl::parse("http://h").unwrap().port, 80);
+        assert!(ServerUrl::parse("ftp://h").is_err());
+        assert!(ServerUrl::parse("https://h").unwrap_err().contains("TLS"));
+        assert!(ServerUrl::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn labels() {
+        let l = parse_labels(["zone=dmz", " os = linux ", ""]).unwrap();
+        assert_eq!(l.get("zone").map(String::as_str), Some("dmz"));
+        assert_eq!(l.get("os").map(String::as_str), Some("linux"));
+        assert!(parse_labels(["novalue"]).is_err());
+        assert!(parse_labels(["=x"]).is_err());
+    }
+}

@@ -1,0 +1,317 @@
+//! The worker: runs one task's Terraform in its own directory, phase by phase, with
+//! each phase's stdout and stderr in that phase's log file; uploads each log when its
+//! phase ends and reports `phase_finished`, then `task_finished`.
+//!
+//! Layout under the work dir: `tasks/<id>/` holds `main.tf.json`, the 0600
+//! `terraform.tfvars.json` and Terraform's own files, and is removed when the task ends;
+//! `logs/<id>/<phase>.log` stays (it is what was uploaded).
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::Duration;
+
+use rustix::process::{kill_process_group, Pid, Signal};
+
+use super::{uploader, Ctx};
+use crate::protocol::{Action, AgentMsg, FinalStatus, Phase, TaskData};
+use crate::wsloop::Outgoing;
+
+/// A task's cancel switch: set once, and signals whatever child runs at the time.
+#[derive(Default)]
+pub(crate) struct Cancel {
+    canceled: AtomicBool,
+    /// The process group of the running child, if any.
+    child: Mutex<Option<i32>>,
+}
+
+impl Cancel {
+    pub fn is_canceled(&self) -> bool {
+        self.canceled.load(Ordering::SeqCst)
+    }
+
+    /// SIGINT (Terraform's graceful stop) now, SIGKILL after `grace` if still running.
+    pub fn cancel(self: &std::sync::Arc<Self>, grace: Duration) {
+        self.canceled.store(true, Ordering::SeqCst);
+        let Some(pgid) = *self.lock() else { return };
+        signal_group(pgid, Signal::INT);
+        let me = self.clone();
+        let _ = thread::Builder::new().name("cancel timer".into()).spawn(move || {
+            thread::sleep(grace);
+            if *me.lock() == Some(pgid) {
+                log::warn!("process group {pgid} still running {} s after SIGINT: SIGKILL", grace.as_secs());
+                signal_group(pgid, Signal::KILL);
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<i32>> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_child(&self, pgid: Option<i32>) {
+        *self.lock() = pgid;
+        if pgid.is_some() && self.is_canceled() {
+            // Canceled between the check and the spawn: stop it now.
+            if let Some(p) = pgid {
+                signal_group(p, Signal::INT);
+            }
+        }
+    }
+}
+
+fn signal_group(pgid: i32, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pgid) {
+        if let Err(e) = kill_process_group(pid, sig) {
+            log::debug!("signal to process group {pgid}: {e}");
+        }
+    }
+}
+
+/// The child's environment: the agent's own, minus its secrets and settings (`IAC_*`),
+/// plus Terraform's automation switches.
+pub(crate) fn child_env(parent: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = parent
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !k.starts_with("IAC_") && k != "TF_IN_AUTOMATION" && k != "TF_INPUT"
+        })
+        .collect();
+    env.push(("TF_IN_AUTOMATION".into(), "1".into()));
+    env.push(("TF_INPUT".into(), "0".into()));
+    env
+}
+
+/// The Terraform commands of a phase, in order.
+pub(crate) fn phase_steps(phase: Phase) -> Vec<Vec<&'static str>> {
+    match phase {
+        Phase::Plan => vec![
+            vec!["init", "-input=false"],
+            vec!["plan", "-input=false", "-out=tfplan"],
+        ],
+        Phase::Apply => vec![vec!["apply", "-input=false", "-auto-approve", "tfplan"]],
+    }
+}
+
+/// The exit code a shell would show: the code, or 128 + the signal.
+pub(crate) fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+pub(crate) fn task_dir(work_dir: &Path, task_id: &str) -> PathBuf {
+    work_dir.join("tasks").join(task_id)
+}
+
+pub(crate) fn log_path(work_dir: &Path, task_id: &str, phase: Phase) -> PathBuf {
+    work_dir.join("logs").join(task_id).join(format!("{}.log", phase.as_str()))
+}
+
+/// Writes the task's configuration into a fresh directory.
+fn prepare(dir: &Path, task: &TaskData) -> io::Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join("main.tf.json"), &task.tf_json)?;
+    let mut vars = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join("terraform.tfvars.json"))?;
+    vars.write_all(task.variables.as_bytes())?;
+    Ok(())
+}
+
+/// Runs one phase's steps with output into `log`. Returns the phase's exit code.
+fn run_phase(ctx: &Ctx, dir: &Path, log: &mut File, phase: Phase, cancel: &Cancel) -> io::Result<i32> {
+    for args in phase_steps(phase) {
+        if cancel.is_canceled() {
+            writeln!(log, "--- canceled before terraform {} ---", args[0])?;
+            return Ok(130);
+        }
+        writeln!(log, "$ terraform {}", args.join(" "))?;
+        let mut cmd = Command::new(&ctx.config.terraform);
+        cmd.args(&args)
+            .current_dir(dir)
+            .env_clear()
+            .envs(child_env(std::env::vars_os()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            // Its own process group: a cancel signals Terraform and its providers.
+            .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                writeln!(
+                    log,
+                    "cannot start {}: {e} (set --terraform or put terraform on PATH)",
+                    ctx.config.terraform.display()
+                )?;
+                return Ok(127);
+            }
+        };
+        cancel.set_child(Some(child.id() as i32));
+        let status = child.wait();
+        cancel.set_child(None);
+        let code = exit_code(status?);
+        if code != 0 {
+            writeln!(log, "--- terraform {} exited with code {code} ---", args[0])?;
+            return Ok(code);
+        }
+    }
+    Ok(0)
+}
+
+/// The whole task, on its worker thread. Always ends with `task_finished`.
+pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
+    let id = task.task_id.clone();
+    let work = &ctx.config.work_dir;
+    let dir = task_dir(work, &id);
+    let phases: &[Phase] = match task.action {
+        Action::Plan => &[Phase::Plan],
+        Action::Apply => &[Phase::Plan, Phase::Apply],
+    };
+    let mut prepared = prepare(&dir, &task);
+    let mut last_code = 0;
+    for (i, phase) in phases.iter().copied().enumerate() {
+        let path = log_path(work, &id, phase);
+        let code = match open_log(&path) {
+            Ok(mut log) => match prepared {
+                Err(ref e) => {
+                    let _ = writeln!(log, "cannot prepare the task directory {}: {e}", dir.display());
+                    -1
+                }
+                Ok(()) => run_phase(ctx, &dir, &mut log, phase, cancel).unwrap_or_else(|e| {
+                    let _ = writeln!(log, "the agent could not run this phase: {e}");
+                    -1
+                }),
+            },
+            Err(e) => {
+                log::error!("{id}: cannot write {}: {e}", path.display());
+                prepared = Err(e);
+                -1
+            }
+        };
+        last_code = code;
+        log::info!("{id}: {} phase ended with code {code}", phase.as_str());
+        if let Err(e) = uploader::upload(ctx, &id, phase, &path) {
+            log::error!("{id}: the {} log was not archived: {e}", phase.as_str());
+        }
+        ctx.report(&AgentMsg::PhaseFinished {
+            task_id: id.clone(),
+            phase,
+            exit_code: code,
+        });
+        if code != 0 && i + 1 < phases.len() {
+            break;
+        }
+    }
+    let status = if cancel.is_canceled() {
+        FinalStatus::Canceled
+    } else if last_code == 0 {
+        FinalStatus::Succeeded
+    } else {
+        FinalStatus::Failed
+    };
+    if let Err(e) = fs::remove_dir_all(&dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            log::warn!("{id}: cannot remove {}: {e}", dir.display());
+        }
+    }
+    log::info!("{id}: {status}");
+    ctx.report(&AgentMsg::TaskFinished {
+        task_id: id.clone(),
+        status,
+        exit_code: Some(last_code),
+    });
+    ctx.cancels().remove(&id);
+    ctx.scheduler.finish(&id);
+    ctx.mailbox.send(Outgoing::Nudge);
+}
+
+fn open_log(path: &Path) -> io::Result<File> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_env_drops_agent_secrets() {
+        let parent = [
+            ("PATH", "/bin"),
+            ("IAC_REGISTRATION_TOKEN", "secret"),
+            ("IAC_SERVER", "http://x"),
+            ("AWS_REGION", "eu-west-1"),
+            ("TF_INPUT", "1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = child_env(parent);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.to_str().unwrap());
+        assert_eq!(get("PATH"), Some("/bin"));
+        assert_eq!(get("AWS_REGION"), Some("eu-west-1"));
+        assert_eq!(get("IAC_REGISTRATION_TOKEN"), None);
+        assert_eq!(get("IAC_SERVER"), None);
+        assert_eq!(get("TF_INPUT"), Some("0"));
+        assert_eq!(get("TF_IN_AUTOMATION"), Some("1"));
+        assert_eq!(env.iter().filter(|(k, _)| k == "TF_INPUT").count(), 1);
+    }
+
+    #[test]
+    fn steps_of_each_phase() {
+        assert_eq!(phase_steps(Phase::Plan)[0], ["init", "-input=false"]);
+        assert!(phase_steps(Phase::Plan)[1].contains(&"-out=tfplan"));
+        assert!(phase_steps(Phase::Apply)[0].ends_with(&["tfplan"]));
+    }
+
+    #[test]
+    fn task_files_are_written_with_private_variables() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!(
+            "iac-runner-{}",
+            crate::util::hex(&crate::util::random_bytes(6).unwrap())
+        ));
+        let task = TaskData {
+            task_id: "T-1".into(),
+            action: Action::Plan,
+            tf_json: "{\"output\":{}}".into(),
+            variables: "{\"a\":1}".into(),
+        };
+        prepare(&dir, &task).unwrap();
+        fs::write(dir.join("stale"), "x").unwrap();
+        prepare(&dir, &task).unwrap();
+        assert!(!dir.join("stale").exists(), "a fresh directory every time");
+        assert_eq!(fs::read_to_string(dir.join("main.tf.json")).unwrap(), task.tf_json);
+        let mode = fs::metadata(dir.join("terraform.tfvars.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn exit_codes_of_signals() {
+        let st = Command::new("sh").args(["-c", "kill -INT $$"]).status().unwrap();
+        assert_eq!(exit_code(st), 130);
+        let st = Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
+        assert_eq!(exit_code(st), 3);
+    }
+}

@@ -1,0 +1,85 @@
+//! The uploader: sends a phase's complete log file to
+//! `POST /api/tasks/{id}/logs/upload?phase=...`, retrying with backoff while the server
+//! is unreachable or busy, so a log is not lost to a passing outage. Uploads are
+//! idempotent on the server (the same phase again replaces it), so a retry is safe.
+
+use std::fs::File;
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use super::control::error_text;
+use super::Ctx;
+use crate::protocol::Phase;
+use crate::util::Backoff;
+
+/// How long to keep retrying one upload before giving up on it.
+const GIVE_UP_AFTER: u32 = 40;
+
+/// Whether an HTTP status is worth retrying.
+pub(crate) fn retryable(status: u16) -> bool {
+    matches!(status, 401 | 408 | 429 | 500..=599)
+}
+
+/// Uploads `path` as the `phase` log of `task_id`.
+pub(crate) fn upload(ctx: &Ctx, task_id: &str, phase: Phase, path: &Path) -> Result<(), String> {
+    let url = ctx
+        .config
+        .server
+        .http(&format!("/api/tasks/{task_id}/logs/upload?phase={}", phase.as_str()));
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let outcome = attempt_upload(ctx, &url, path);
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err((status, msg)) if status.is_some_and(|s| !retryable(s)) => {
+                return Err(format!("the server refused it: {msg}"))
+            }
+            Err((_, msg)) if attempt >= GIVE_UP_AFTER => {
+                return Err(format!("gave up after {attempt} attempts: {msg}"))
+            }
+            Err((_, msg)) => {
+                let wait = backoff.next_wait();
+                log::warn!("upload of {task_id} {} log failed: {msg}; retrying in {:.1} s", phase.as_str(), wait.as_secs_f64());
+                thread::sleep(wait);
+            }
+        }
+    }
+}
+
+fn attempt_upload(ctx: &Ctx, url: &str, path: &Path) -> Result<(), (Option<u16>, String)> {
+    let Some(creds) = ctx.credentials() else {
+        return Err((None, "not registered yet".into()));
+    };
+    let file = File::open(path).map_err(|e| (Some(0), format!("cannot read {}: {e}", path.display())))?;
+    let mut resp = ctx
+        .http
+        .post(url)
+        .header("Authorization", format!("Bearer {}", creds.token))
+        .header("Content-Type", "text/plain; charset=utf-8")
+        .send(file)
+        .map_err(|e| (None, e.to_string()))?;
+    let status = resp.status().as_u16();
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    Err((Some(status), format!("{status}: {}", error_text(&body))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_statuses_are_retried() {
+        for s in [401, 408, 429, 500, 502, 503] {
+            assert!(retryable(s), "{s}");
+        }
+        for s in [0, 400, 403, 404, 409, 413] {
+            assert!(!retryable(s), "{s}");
+        }
+    }
+}

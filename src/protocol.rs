@@ -1,0 +1,493 @@
+//! Every message that crosses a process boundary: agent ⇄ server (WS 1, registration,
+//! log upload) and client ⇄ server (the HTTP API). `../shared/PROTOCOL.md` is the
+//! contract; this file is its one typed copy, used by both binaries and the tests.
+//!
+//! Names and tags here are binding. Extend with new optional fields (`#[serde(default)]`)
+//! rather than renaming anything.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Labels of an agent or a task: `{"zone": "dmz"}`.
+pub type Labels = BTreeMap<String, String>;
+
+/// The concurrency report an agent sends as its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentState {
+    pub plan_running_count: u32,
+    pub plan_limit: u32,
+    pub apply_running: bool,
+}
+
+impl AgentState {
+    /// The concurrency rules of the design, in one place: the agent's scheduler decides
+    /// with it, and the server's dispatch respects it. `Err` carries the reason.
+    pub fn admits(&self, action: Action) -> Result<(), &'static str> {
+        if self.apply_running {
+            return Err("apply running");
+        }
+        match action {
+            Action::Plan if self.plan_running_count >= self.plan_limit => Err("plan limit reached"),
+            Action::Apply if self.plan_running_count > 0 => Err("plans running"),
+            _ => Ok(()),
+        }
+    }
+
+    /// The state after starting `action`.
+    pub fn with_started(mut self, action: Action) -> AgentState {
+        match action {
+            Action::Plan => self.plan_running_count += 1,
+            Action::Apply => self.apply_running = true,
+        }
+        self
+    }
+}
+
+/// `plan`, or `apply` (plan, then apply the saved plan, in one exclusive run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Plan,
+    Apply,
+}
+
+/// The two phases of a task. A `plan` task has only the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Plan,
+    Apply,
+}
+
+/// How a task ended, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalStatus {
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+/// A task's status as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+    Lost,
+}
+
+/// A phase's status as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+    Skipped,
+}
+
+/// Agent → server on WS 1, tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    State {
+        state: AgentState,
+        #[serde(default)]
+        running: Vec<String>,
+    },
+    TaskAccepted {
+        task_id: String,
+    },
+    TaskRejected {
+        task_id: String,
+        reason: String,
+    },
+    PhaseFinished {
+        task_id: String,
+        phase: Phase,
+        exit_code: i32,
+    },
+    TaskFinished {
+        task_id: String,
+        status: FinalStatus,
+        #[serde(default)]
+        exit_code: Option<i32>,
+    },
+}
+
+/// What `run_task` carries. `tf_json` and `variables` are strings holding JSON objects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskData {
+    pub task_id: String,
+    pub action: Action,
+    pub tf_json: String,
+    pub variables: String,
+}
+
+/// Server → agent on WS 1, tagged by `command`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum ServerMsg {
+    RunTask { task_data: TaskData },
+    StartRealtimeStream { task_id: String },
+    StopRealtimeStream { task_id: String },
+    CancelTask { task_id: String },
+}
+
+/// `POST /agents/register` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub name: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub version: String,
+    pub plan_limit: u32,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// `POST /agents/register` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub agent_id: String,
+    pub agent_token: String,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /api/tasks` body. `tf_json` and `variables` may be objects or strings that
+/// hold objects; [`CreateTask::normalize`] checks that and turns both into strings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreateTask {
+    pub action: Action,
+    pub tf_json: serde_json::Value,
+    #[serde(default)]
+    pub variables: Option<serde_json::Value>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// A checked task request, ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub action: Action,
+    pub tf_json: String,
+    pub variables: String,
+    pub labels: Labels,
+}
+
+impl CreateTask {
+    /// Checks the request and returns it with `tf_json`/`variables` as JSON object text.
+    pub fn normalize(self) -> Result<NewTask, String> {
+        let tf_json = object_text("tf_json", &self.tf_json)?;
+        let variables = match &self.variables {
+            None | Some(serde_json::Value::Null) => "{}".to_string(),
+            Some(v) => object_text("variables", v)?,
+        };
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > 63 || v.len() > 255 {
+                return Err(format!(
+                    "label {k:?}: keys must be 1-63 bytes and values at most 255 bytes"
+                ));
+            }
+        }
+        Ok(NewTask {
+            action: self.action,
+            tf_json,
+            variables,
+            labels: self.labels,
+        })
+    }
+}
+
+/// A JSON object given as an object or as a string holding one, returned as compact text.
+fn object_text(field: &str, value: &serde_json::Value) -> Result<String, String> {
+    let parsed;
+    let obj = match value {
+        serde_json::Value::String(s) => {
+            parsed = serde_json::from_str::<serde_json::Value>(s)
+                .map_err(|e| format!("{field}: the string does not hold valid JSON: {e}"))?;
+            &parsed
+        }
+        v => v,
+    };
+    if !obj.is_object() {
+        return Err(format!(
+            "{field} must be a JSON object (or a string holding one)"
+        ));
+    }
+    Ok(obj.to_string())
+}
+
+/// One phase of a task, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseView {
+    pub status: PhaseStatus,
+    pub exit_code: Option<i32>,
+    pub log_bytes: Option<u64>,
+    #[serde(default)]
+    pub started_at: Option<String>,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+/// A task, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: String,
+    pub action: Action,
+    pub status: TaskStatus,
+    pub agent_id: Option<String>,
+    pub labels: Labels,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub phases: BTreeMap<String, PhaseView>,
+}
+
+/// `GET /api/tasks` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskList {
+    pub tasks: Vec<TaskView>,
+}
+
+/// An agent, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub name: String,
+    pub hostname: String,
+    pub version: String,
+    pub online: bool,
+    pub state: AgentState,
+    pub running: Vec<String>,
+    pub labels: Labels,
+    pub last_seen: Option<String>,
+}
+
+/// `GET /api/agents` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+}
+
+/// The body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Task ids match `^[A-Za-z0-9._-]{1,64}$`, and `.`/`..` are refused too, so that an id
+/// can name a directory or file without any path traversal.
+pub fn valid_task_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Plan => "plan",
+            Action::Apply => "apply",
+        }
+    }
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Plan => "plan",
+            Phase::Apply => "apply",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        match s {
+            "plan" => Some(Phase::Plan),
+            "apply" => Some(Phase::Apply),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! str_enum {
+    ($ty:ty { $($variant:ident => $s:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $s),* }
+            }
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($s => Some(Self::$variant),)* _ => None }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+str_enum!(TaskStatus { Queued => "queued", Running => "running", Succeeded => "succeeded",
+    Failed => "failed", Canceled => "canceled", Lost => "lost" });
+str_enum!(PhaseStatus { Pending => "pending", Running => "running", Succeeded => "succeeded",
+    Failed => "failed", Canceled => "canceled", Skipped => "skipped" });
+str_enum!(FinalStatus { Succeeded => "succeeded", Failed => "failed", Canceled => "canceled" });
+
+impl TaskStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, TaskStatus::Queued | TaskStatus::Running)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_messages_match_the_contract() {
+        let m: AgentMsg = serde_json::from_str(
+            r#"{"type": "state", "state": {"plan_running_count": 1, "plan_limit": 4, "apply_running": false}, "running": ["T-000001"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            AgentMsg::State {
+                state: AgentState {
+                    plan_running_count: 1,
+                    plan_limit: 4,
+                    apply_running: false
+                },
+                running: vec!["T-000001".into()]
+            }
+        );
+        let m: AgentMsg = serde_json::from_str(
+            r#"{"type": "task_finished", "task_id": "T-000001", "status": "succeeded", "exit_code": 0}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            m,
+            AgentMsg::TaskFinished {
+                status: FinalStatus::Succeeded,
+                exit_code: Some(0),
+                ..
+            }
+        ));
+        let text = serde_json::to_string(&AgentMsg::PhaseFinished {
+            task_id: "T-1".into(),
+            phase: Phase::Plan,
+            exit_code: 2,
+        })
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"phase_finished","task_id":"T-1","phase":"plan","exit_code":2}"#
+        );
+    }
+
+    #[test]
+    fn server_commands_match_the_contract() {
+        let text = serde_json::to_string(&ServerMsg::RunTask {
+            task_data: TaskData {
+                task_id: "T-000001".into(),
+                action: Action::Plan,
+                tf_json: "{}".into(),
+                variables: "{}".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"command":"run_task","task_data":{"task_id":"T-000001","action":"plan","tf_json":"{}","variables":"{}"}}"#
+        );
+        let m: ServerMsg =
+            serde_json::from_str(r#"{"command": "cancel_task", "task_id": "T-000001"}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMsg::CancelTask {
+                task_id: "T-000001".into()
+            }
+        );
+    }
+
+    #[test]
+    fn create_task_accepts_objects_and_strings() {
+        let req: CreateTask = serde_json::from_str(
+            r#"{"action": "apply", "tf_json": "{\"output\": {}}", "variables": {"a": 1}}"#,
+        )
+        .unwrap();
+        let t = req.normalize().unwrap();
+        assert_eq!(t.tf_json, r#"{"output":{}}"#);
+        assert_eq!(t.variables, r#"{"a":1}"#);
+        let req: CreateTask = serde_json::from_str(r#"{"action": "plan", "tf_json": {}}"#).unwrap();
+        assert_eq!(req.normalize().unwrap().variables, "{}");
+    }
+
+    #[test]
+    fn create_task_refuses_non_objects() {
+        for body in [
+            r#"{"action": "plan", "tf_json": 3}"#,
+            r#"{"action": "plan", "tf_json": "[1]"}"#,
+            r#"{"action": "plan", "tf_json": "{nope"}"#,
+            r#"{"action": "plan", "tf_json": {}, "variables": "x"}"#,
+        ] {
+            let req: CreateTask = serde_json::from_str(body).unwrap();
+            assert!(req.normalize().is_err(), "{body}");
+        }
+        assert!(serde_json::from_str::<CreateTask>(r#"{"action": "destroy", "tf_json": {}}"#).is_err());
+    }
+
+    #[test]
+    fn concurrency_rule_table() {
+        let st = |count, limit, apply| AgentState {
+            plan_running_count: count,
+            plan_limit: limit,
+            apply_running: apply,
+        };
+        // apply running: nothing is admitted
+        assert_eq!(st(0, 2, true).admits(Action::Plan), Err("apply running"));
+        assert_eq!(st(0, 2, true).admits(Action::Apply), Err("apply running"));
+        // plans below the limit / at the limit
+        assert_eq!(st(1, 2, false).admits(Action::Plan), Ok(()));
+        assert_eq!(st(2, 2, false).admits(Action::Plan), Err("plan limit reached"));
+        assert_eq!(st(0, 0, false).admits(Action::Plan), Err("plan limit reached"));
+        // apply with 0 and with >0 plans
+        assert_eq!(st(0, 2, false).admits(Action::Apply), Ok(()));
+        assert_eq!(st(1, 2, false).admits(Action::Apply), Err("plans running"));
+        assert_eq!(st(2, 2, false).admits(Action::Apply), Err("plans running"));
+        assert_eq!(st(0, 2, false).with_started(Action::Apply), st(0, 2, true));
+        assert_eq!(st(1, 2, false).with_started(Action::Plan), st(2, 2, false));
+    }
+
+    #[test]
+    fn task_ids() {
+        for ok in ["T-000001", "a", "a.b_c-d", &"x".repeat(64)] {
+            assert!(valid_task_id(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "..%2F", "a b", &"x".repeat(65), "é"] {
+            assert!(!valid_task_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in ["queued", "running", "succeeded", "failed", "canceled", "lost"] {
+            assert_eq!(TaskStatus::parse(s).unwrap().as_str(), s);
+        }
+        assert!(TaskStatus::Lost.is_terminal());
+        assert!(!TaskStatus::Running.is_terminal());
+    }
+}

@@ -1,0 +1,538 @@
+//! The HTTP API: the route table, authentication, and one handler per endpoint of
+//! PROTOCOL.md. A connection thread runs [`serve_connection`]: it reads requests on a
+//! keep-alive connection until the client leaves or a WebSocket takes the socket over.
+//!
+//! Every failure a client can cause is a 4xx with `{"error": "..."}`; a store failure
+//! is a 500 with a generic message (the detail goes to the server log).
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use super::http::{Conn, Head, HeadError, Response};
+use super::lifecycle::{Change, Refusal};
+use super::store::{AgentRow, StoreError};
+use super::{auth, control, Shared};
+use crate::protocol::{
+    valid_task_id, AgentList, CreateTask, Phase, RegisterRequest, RegisterResponse, ServerMsg,
+    TaskList, TaskStatus,
+};
+use crate::util::now_rfc3339;
+use crate::wsloop::Outgoing;
+
+/// Every route: method and path pattern (`{name}` matches one segment). The OpenAPI
+/// document is checked against this table in the tests.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/healthz"),
+    ("GET", "/api/openapi.json"),
+    ("POST", "/agents/register"),
+    ("GET", "/agent/control"),
+    ("POST", "/api/tasks"),
+    ("GET", "/api/tasks"),
+    ("GET", "/api/tasks/{task_id}"),
+    ("POST", "/api/tasks/{task_id}/cancel"),
+    ("GET", "/api/tasks/{task_id}/logs/{phase}"),
+    ("POST", "/api/tasks/{task_id}/logs/upload"),
+    ("GET", "/api/agents"),
+];
+
+/// The outcome of routing a path.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Routed<'a> {
+    /// Index into [`ROUTES`] and the captured segments, in order.
+    Found(usize, Vec<&'a str>),
+    /// The path exists, with these methods.
+    WrongMethod(Vec<&'static str>),
+    NotFound,
+}
+
+pub(crate) fn route<'a>(method: &str, path: &'a str) -> Routed<'a> {
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let mut allowed = Vec::new();
+    for (i, (m, pattern)) in ROUTES.iter().enumerate() {
+        let pat: Vec<&str> = pattern.split('/').skip(1).collect();
+        if pat.len() != segs.len() {
+            continue;
+        }
+        let mut caps = Vec::new();
+        let matched = pat.iter().zip(&segs).all(|(p, s)| {
+            if p.starts_with('{') {
+                caps.push(*s);
+                !s.is_empty()
+            } else {
+                p == s
+            }
+        });
+        if !matched {
+            continue;
+        }
+        if *m == method {
+            return Routed::Found(i, caps);
+        }
+        allowed.push(*m);
+    }
+    if allowed.is_empty() {
+        Routed::NotFound
+    } else {
+        allowed.sort_unstable();
+        allowed.dedup();
+        Routed::WrongMethod(allowed)
+    }
+}
+
+/// What a handler produced.
+enum Reply {
+    Answer(Response),
+    /// A file streamed as the body.
+    File(std::fs::File, u64, &'static str),
+    /// Switch to WS 1 for this agent.
+    Control(AgentRow, String),
+}
+
+type Handled = Result<Reply, Response>;
+
+fn internal(e: StoreError) -> Response {
+    log::error!("store: {e}");
+    Response::error(500, "the server could not read or write its store; see the server log")
+}
+
+/// One request in flight: its head, its connection (for the body) and whether the
+/// body was consumed (if not, the connection cannot be reused).
+struct Req<'a> {
+    head: &'a Head,
+    conn: &'a mut Conn<TcpStream>,
+    body_len: u64,
+    body_read: bool,
+}
+
+impl Req<'_> {
+    fn json_body<T: serde::de::DeserializeOwned>(&mut self, limit: u64) -> Result<T, Response> {
+        if self.body_len > limit {
+            return Err(Response::error(
+                413,
+                format!("the body is {} bytes; the limit is {limit}", self.body_len),
+            ));
+        }
+        let bytes = self
+            .conn
+            .read_body(self.body_len)
+            .map_err(|e| Response::error(400, format!("could not read the body: {e}")))?;
+        self.body_read = true;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Response::error(400, format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Serves one client connection until it closes or becomes a WebSocket.
+pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+    let mut conn = Conn::new(stream, shared.config.limits);
+    loop {
+        let head = match conn.read_head() {
+            Ok(h) => h,
+            Err(HeadError::Idle) | Err(HeadError::Io(_)) => return,
+            Err(e) => {
+                let status = match e {
+                    HeadError::TooLarge => 431,
+                    HeadError::TimedOut => 408,
+                    _ => 400,
+                };
+                let _ = conn.write_response(&Response::error(status, e.to_string()), false);
+                return;
+            }
+        };
+        let body_len = match head.content_length() {
+            Ok(n) => n,
+            Err(resp) => {
+                let _ = conn.write_response(&resp, false);
+                return;
+            }
+        };
+        let mut req = Req {
+            head: &head,
+            conn: &mut conn,
+            body_len,
+            body_read: body_len == 0,
+        };
+        let reply = handle(&shared, &mut req).unwrap_or_else(Reply::Answer);
+        let reusable = req.body_read && head.keep_alive();
+        let written = match reply {
+            Reply::Answer(resp) => conn.write_response(&resp, reusable),
+            Reply::File(mut f, len, ctype) => conn.write_stream(200, ctype, &mut f, len, reusable),
+            Reply::Control(agent, accept_key) => {
+                let (mut stream, leftover) = conn.into_parts();
+                if switch_protocols(&mut stream, &accept_key).is_ok() {
+                    control::serve(shared, agent, stream, leftover);
+                }
+                return;
+            }
+        };
+        if written.is_err() || !reusable {
+            return;
+        }
+    }
+}
+
+fn switch_protocols(stream: &mut TcpStream, accept_key: &str) -> io::Result<()> {
+    use std::io::Write;
+    write!(
+        stream,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+    )?;
+    stream.flush()
+}
+
+fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
+    let head = req.head;
+    let (index, caps) = match route(&head.method, &head.path) {
+        Routed::Found(i, caps) => (i, caps),
+        Routed::WrongMethod(allowed) => {
+            return Err(Response::error(
+                405,
+                format!("{} is not allowed on {}", head.method, head.path),
+            )
+            .with_header("Allow", allowed.join(", ")))
+        }
+        Routed::NotFound => {
+            return Err(Response::error(404, format!("no such endpoint: {}", head.path)))
+        }
+    };
+    let task = || -> Result<&str, Response> {
+        let id = caps[0];
+        if valid_task_id(id) {
+            Ok(id)
+        } else {
+            Err(Response::error(404, format!("no task {id:?}")))
+        }
+    };
+    match ROUTES[index] {
+        ("GET", "/") => Ok(Reply::Answer(Response::text(
+            200,
+            "text/html; charset=utf-8",
+            include_str!("ui.html"),
+        ))),
+        ("GET", "/healthz") => Ok(Reply::Answer(Response::text(200, "text/plain", "ok"))),
+        ("GET", "/api/openapi.json") => Ok(Reply::Answer(Response::text(
+            200,
+            "application/json",
+            include_str!("openapi.json"),
+        ))),
+        ("POST", "/agents/register") => register(shared, req),
+        ("GET", "/agent/control") => control_upgrade(shared, head),
+        ("POST", "/api/tasks") => create_task(shared, req),
+        ("GET", "/api/tasks") => list_tasks(shared, head),
+        ("GET", "/api/tasks/{task_id}") => get_task(shared, head, task()?),
+        ("POST", "/api/tasks/{task_id}/cancel") => cancel_task(shared, head, task()?),
+        ("GET", "/api/tasks/{task_id}/logs/{phase}") => get_log(shared, head, task()?, caps[1]),
+        ("POST", "/api/tasks/{task_id}/logs/upload") => upload_log(shared, req, task()?),
+        ("GET", "/api/agents") => list_agents(shared, head),
+        (m, p) => Err(Response::error(500, format!("route {m} {p} has no handler"))),
+    }
+}
+
+fn client_auth(shared: &Shared, head: &Head) -> Result<(), Response> {
+    match head.bearer() {
+        Some(t) if auth::matches(t, &shared.api_token_hash) => Ok(()),
+        Some(_) => Err(Response::error(401, "the API token is not valid")),
+        None => Err(Response::error(
+            401,
+            "missing API token: send Authorization: Bearer <api token>",
+        )),
+    }
+}
+
+fn agent_auth(shared: &Shared, head: &Head) -> Result<AgentRow, Response> {
+    let Some(token) = head.bearer() else {
+        return Err(Response::error(
+            401,
+            "missing agent token: send Authorization: Bearer <agent token>",
+        ));
+    };
+    shared
+        .store
+        .agent_by_token(&auth::hash(token))
+        .map_err(internal)?
+        .ok_or_else(|| Response::error(401, "the agent token is not valid (re-register the agent)"))
+}
+
+fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
+    match req.head.bearer() {
+        Some(t) if auth::matches(t, &shared.registration_token_hash) => {}
+        _ => {
+            return Err(Response::error(
+                401,
+                "missing or wrong registration token: send Authorization: Bearer <registration token>",
+            ))
+        }
+    }
+    let body: RegisterRequest = req.json_body(shared.config.max_request_bytes)?;
+    if body.name.is_empty() || body.name.len() > 64 || !valid_task_id(&body.name) {
+        return Err(Response::error(
+            400,
+            "name must be 1-64 characters of letters, digits, '.', '_' or '-'",
+        ));
+    }
+    if !(1..=1024).contains(&body.plan_limit) {
+        return Err(Response::error(400, "plan_limit must be between 1 and 1024"));
+    }
+    if body.labels.len() > 64
+        || body.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255)
+    {
+        return Err(Response::error(
+            400,
+            "at most 64 labels, keys 1-63 bytes, values at most 255 bytes",
+        ));
+    }
+    let token = auth::new_token().map_err(|e| internal(e.into()))?;
+    let agent_id = shared
+        .store
+        .register_agent(&body, &auth::hash(&token), &now_rfc3339())
+        .map_err(internal)?;
+    log::info!("agent {} registered as {agent_id}", body.name);
+    Ok(Reply::Answer(Response::json(
+        200,
+        &RegisterResponse {
+            agent_id,
+            agent_token: token,
+            heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
+        },
+    )))
+}
+
+fn control_upgrade(shared: &Shared, head: &Head) -> Handled {
+    let agent = agent_auth(shared, head)?;
+    if !head.is_websocket_upgrade() || !head.header_has_token("connection", "upgrade") {
+        return Err(Response::error(
+            426,
+            "this endpoint is a WebSocket: send Upgrade: websocket",
+        )
+        .with_header("Upgrade", "websocket"));
+    }
+    if head.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Response::error(400, "Sec-WebSocket-Version must be 13")
+            .with_header("Sec-WebSocket-Version", "13"));
+    }
+    let Some(key) = head.header("sec-websocket-key") else {
+        return Err(Response::error(400, "missing Sec-WebSocket-Key"));
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    Ok(Reply::Control(agent, accept))
+}
+
+fn create_task(shared: &Shared, req: &mut Req<'_>) -> Handled {
+    client_auth(shared, req.head)?;
+    let body: CreateTask = req.json_body(shared.config.max_request_bytes)?;
+    let task = body.normalize().map_err(|e| Response::error(400, e))?;
+    let rec = shared
+        .store
+        .create_task(&task, &now_rfc3339())
+        .map_err(internal)?;
+    log::info!("task {} queued ({})", rec.id, rec.action.as_str());
+    shared.kick();
+    Ok(Reply::Answer(Response::json(201, &rec.view())))
+}
+
+fn list_tasks(shared: &Shared, head: &Head) -> Handled {
+    client_auth(shared, head)?;
+    let status = match head.query_param("status") {
+        None => None,
+        Some(s) => Some(TaskStatus::parse(&s).ok_or_else(|| {
+            Response::error(
+                400,
+                format!("unknown status {s:?}: use queued, running, succeeded, failed, canceled or lost"),
+            )
+        })?),
+    };
+    let limit = match head.query_param("limit") {
+        None => 100,
+        Some(s) => s
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| Response::error(400, "limit must be a number from 1 to 1000"))?,
+    };
+    let tasks = shared.store.tasks(status, limit).map_err(internal)?;
+    Ok(Reply::Answer(Response::json(
+        200,
+        &TaskList {
+            tasks: tasks.iter().map(|t| t.view()).collect(),
+        },
+    )))
+}
+
+fn no_task(id: &str) -> Response {
+    Response::error(404, format!("no task {id}"))
+}
+
+fn get_task(shared: &Shared, head: &Head, id: &str) -> Handled {
+    client_auth(shared, head)?;
+    let rec = shared.store.task(id).map_err(internal)?.ok_or_else(|| no_task(id))?;
+    Ok(Reply::Answer(Response::json(200, &rec.view())))
+}
+
+fn parse_phase(s: &str) -> Result<Phase, Response> {
+    Phase::parse(s).ok_or_else(|| Response::error(400, format!("unknown phase {s:?}: use plan or apply")))
+}
+
+fn get_log(shared: &Shared, head: &Head, id: &str, phase: &str) -> Handled {
+    client_auth(shared, head)?;
+    let phase = parse_phase(phase)?;
+    let rec = shared.store.task(id).map_err(internal)?.ok_or_else(|| no_task(id))?;
+    if !rec.phases.contains_key(phase.as_str()) {
+        return Err(Response::error(
+            404,
+            format!("task {id} is a {} task: it has no {} phase", rec.action.as_str(), phase.as_str()),
+        ));
+    }
+    match shared.store.open_log(id, phase).map_err(internal)? {
+        Some((f, len)) => Ok(Reply::File(f, len, "text/plain; charset=utf-8")),
+        None => Err(Response::error(
+            404,
+            format!("the {} log of {id} has not been uploaded yet", phase.as_str()),
+        )),
+    }
+}
+
+fn cancel_task(shared: &Shared, head: &Head, id: &str) -> Handled {
+    client_auth(shared, head)?;
+    let (outcome, rec) = shared
+        .store
+        .update_task(id, |r| r.cancel(&now_rfc3339()))
+        .map_err(internal)?
+        .ok_or_else(|| no_task(id))?;
+    match outcome {
+        Ok(Change::Changed) => {
+            log::info!("task {id} canceled while queued");
+            Ok(Reply::Answer(Response::json(200, &rec.view())))
+        }
+        Ok(Change::Unchanged) => {
+            // Running: the agent stops it and reports `canceled`.
+            let agent = rec.agent_id.clone().unwrap_or_default();
+            let sent = shared.registry().mailbox(&agent).is_some_and(|m| {
+                let msg = ServerMsg::CancelTask { task_id: id.to_string() };
+                m.send(Outgoing::Text(serde_json::to_string(&msg).unwrap_or_default()))
+            });
+            if !sent {
+                return Err(Response::error(
+                    409,
+                    format!("task {id} runs on agent {agent}, which is offline: it cannot be canceled now"),
+                ));
+            }
+            log::info!("cancel of running task {id} sent to {agent}");
+            Ok(Reply::Answer(Response::json(202, &rec.view())))
+        }
+        Err(Refusal::Conflict(msg)) => Err(Response::error(409, msg)),
+        Err(_) => Err(Response::error(409, format!("task {id} cannot be canceled now"))),
+    }
+}
+
+fn upload_log(shared: &Shared, req: &mut Req<'_>, id: &str) -> Handled {
+    let agent = agent_auth(shared, req.head)?;
+    let phase = match req.head.query_param("phase") {
+        Some(p) => parse_phase(&p)?,
+        None => return Err(Response::error(400, "missing ?phase=plan or ?phase=apply")),
+    };
+    let rec = shared.store.task(id).map_err(internal)?.ok_or_else(|| no_task(id))?;
+    match rec.may_upload(&agent.agent_id, phase) {
+        Ok(()) => {}
+        Err(Refusal::Conflict(msg)) => return Err(Response::error(409, msg)),
+        Err(_) => {
+            return Err(Response::error(
+                403,
+                format!("task {id} is not assigned to agent {}", agent.agent_id),
+            ))
+        }
+    }
+    let limit = shared.config.max_log_bytes;
+    if req.body_len > limit {
+        return Err(Response::error(
+            413,
+            format!("the log is {} bytes; the limit is {limit}", req.body_len),
+        ));
+    }
+    let len = req.body_len;
+    let mut body = req
+        .conn
+        .body(len)
+        .map_err(|e| Response::error(400, format!("could not read the body: {e}")))?;
+    let saved = shared.store.save_log(id, phase, &mut body as &mut dyn Read, len);
+    req.body_read = true;
+    match saved {
+        Ok(n) => {
+            log::info!("{} log of {id} archived ({n} bytes)", phase.as_str());
+            Ok(Reply::Answer(Response::json(
+                200,
+                &serde_json::json!({"task_id": id, "phase": phase.as_str(), "bytes": n}),
+            )))
+        }
+        // A body that broke off is the client's problem; nothing was recorded.
+        Err(StoreError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof || is_timeout(&e) => {
+            req.body_read = false;
+            Err(Response::error(400, format!("the upload broke off: {e}")))
+        }
+        Err(e) => {
+            req.body_read = false;
+            Err(internal(e))
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+fn list_agents(shared: &Shared, head: &Head) -> Handled {
+    client_auth(shared, head)?;
+    let rows = shared.store.agents().map_err(internal)?;
+    let registry = shared.registry();
+    let agents = rows
+        .iter()
+        .map(|row| {
+            let mut v = row.offline_view();
+            registry.fill_view(&mut v);
+            v
+        })
+        .collect();
+    Ok(Reply::Answer(Response::json(200, &AgentList { agents })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(route("GET", "/healthz"), Routed::Found(1, vec![]));
+        assert_eq!(
+            route("GET", "/api/tasks/T-1/logs/plan"),
+            Routed::Found(9, vec!["T-1", "plan"])
+        );
+        assert_eq!(
+            route("POST", "/api/tasks/T-1/logs/upload"),
+            Routed::Found(10, vec!["T-1"])
+        );
+        assert_eq!(route("DELETE", "/api/tasks"), Routed::WrongMethod(vec!["GET", "POST"]));
+        assert_eq!(route("GET", "/api/tasks/T-1/logs"), Routed::NotFound);
+        assert_eq!(route("GET", "/api/tasks//cancel"), Routed::NotFound);
+        assert_eq!(route("GET", "/nope"), Routed::NotFound);
+        // The upload path only answers POST; GET there reads a phase called "upload".
+        assert_eq!(
+            route("GET", "/api/tasks/T-1/logs/upload"),
+            Routed::Found(9, vec!["T-1", "upload"])
+        );
+    }
+
+    #[test]
+    fn every_route_is_in_the_openapi_document() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!("openapi.json")).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for (method, path) in ROUTES {
+            let op = &paths
+                .get(*path)
+                .unwrap_or_else(|| panic!("{path} is not in openapi.json"))[method.to_lowercase()];
+            assert!(op.is_object(), "{method} {path} is not in openapi.json");
+        }
+        let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(documented, ROUTES.len(), "openapi.json documents routes the server lacks");
+    }
+}

@@ -1,0 +1,208 @@
+//! `iac-server`: the control plane. Threads and the channels between them:
+//!
+//! - **accept loop** (the caller's thread, [`run`]): takes connections on the one port
+//!   and starts a connection thread for each.
+//! - **connection threads** ([`api::serve_connection`]): HTTP requests on a keep-alive
+//!   connection; a WS 1 upgrade turns the thread into that agent's C&C owner
+//!   ([`control::serve`]), which sleeps in `poll(2)` and wakes on the agent's frames or
+//!   on its [`Mailbox`](crate::wsloop::Mailbox).
+//! - **dispatcher** ([`dispatch::run`]): wakes on a kick (`crossbeam` channel of `()`),
+//!   matches queued tasks to online agents, and drops `run_task` into their mailboxes.
+//!
+//! Shared state: the [`store::Store`] (SQLite + log archive, its own mutex) and the
+//! [`registry::Registry`] of online agents behind one `Mutex`.
+
+pub(crate) mod api;
+pub(crate) mod auth;
+pub(crate) mod control;
+pub(crate) mod dispatch;
+pub(crate) mod http;
+pub(crate) mod lifecycle;
+pub(crate) mod registry;
+pub(crate) mod store;
+
+use std::fmt;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use crate::cli::Flags;
+
+/// The server's checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub api_token: Option<String>,
+    pub registration_token: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub max_request_bytes: u64,
+    pub max_log_bytes: u64,
+    pub(crate) limits: http::Limits,
+}
+
+/// Flags that take a value, with their environment variable and help.
+pub const FLAGS: &[(&str, &str, &str)] = &[
+    ("--listen", "IAC_LISTEN", "address to listen on (default 127.0.0.1:8080; port 0 picks a free port)"),
+    ("--data-dir", "IAC_DATA_DIR", "database and log archive (default ./iac-data)"),
+    ("--api-token", "IAC_API_TOKEN", "token of API clients (default: generated, saved in the data dir)"),
+    ("--registration-token", "IAC_REGISTRATION_TOKEN", "token agents register with (default: generated, saved in the data dir)"),
+    ("--tls-cert", "IAC_TLS_CERT", "PEM certificate chain for HTTPS/WSS (with --tls-key)"),
+    ("--tls-key", "IAC_TLS_KEY", "PEM private key for HTTPS/WSS (with --tls-cert)"),
+    ("--heartbeat-ms", "IAC_HEARTBEAT_MS", "agent heartbeat interval in ms (default 5000)"),
+    ("--max-request-bytes", "IAC_MAX_REQUEST_BYTES", "largest JSON request body (default 8 MiB)"),
+    ("--max-log-bytes", "IAC_MAX_LOG_BYTES", "largest log upload (default 1 GiB)"),
+    ("--log-level", "IAC_LOG", "error, warn, info, debug or trace (default info)"),
+];
+
+impl Config {
+    pub fn from_flags(flags: &Flags) -> Result<Config, String> {
+        let get = |name: &str| flags.value(name, FLAGS);
+        if get("--tls-cert").is_some() || get("--tls-key").is_some() {
+            return Err("TLS (--tls-cert/--tls-key) is not available in this build yet; \
+                        serve plain HTTP behind a TLS-terminating proxy for now"
+                .into());
+        }
+        let nonempty = |name: &str| -> Result<Option<String>, String> {
+            match get(name) {
+                Some(v) if v.trim().is_empty() => Err(format!("{name} must not be empty")),
+                v => Ok(v),
+            }
+        };
+        Ok(Config {
+            listen: get("--listen").unwrap_or_else(|| "127.0.0.1:8080".into()),
+            data_dir: PathBuf::from(get("--data-dir").unwrap_or_else(|| "./iac-data".into())),
+            api_token: nonempty("--api-token")?,
+            registration_token: nonempty("--registration-token")?,
+            heartbeat_interval: Duration::from_millis(flags.number("--heartbeat-ms", FLAGS, 5000, 100..=600_000)?),
+            max_request_bytes: flags.number("--max-request-bytes", FLAGS, 8 << 20, 1024..=(1 << 30))?,
+            max_log_bytes: flags.number("--max-log-bytes", FLAGS, 1 << 30, 1024..=(1 << 40))?,
+            limits: http::Limits::default(),
+        })
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store could not be opened.
+    Store(String),
+    Io(String, io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Store(e) => write!(f, "{e}"),
+            Error::Io(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// What every thread shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub store: store::Store,
+    registry: Mutex<registry::Registry>,
+    kick: Sender<()>,
+    pub api_token_hash: String,
+    pub registration_token_hash: String,
+}
+
+impl Shared {
+    pub fn registry(&self) -> MutexGuard<'_, registry::Registry> {
+        // The registry is plain data updated in short steps; a panic mid-step cannot
+        // leave it worse than a stale entry, so a poisoned lock is still usable.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the dispatcher to look at the queue.
+    pub fn kick(&self) {
+        let _ = self.kick.send(());
+    }
+}
+
+/// Stack of a connection thread: enough for SQLite and serde, small enough for
+/// thousands of agents (untouched stack pages cost no memory).
+const CONN_STACK: usize = 512 * 1024;
+
+/// Starts the server and serves until the process ends.
+pub fn run(config: Config) -> Result<(), Error> {
+    let io_err = |what: String| move |e| Error::Io(what, e);
+    let store = store::Store::open(&config.data_dir).map_err(|e| Error::Store(e.to_string()))?;
+    let api = auth::load_or_create(config.api_token.as_deref(), &config.data_dir.join("api-token"))
+        .map_err(io_err("api token".into()))?;
+    let reg = auth::load_or_create(
+        config.registration_token.as_deref(),
+        &config.data_dir.join("registration-token"),
+    )
+    .map_err(io_err("registration token".into()))?;
+    for (name, (token, source), file) in [
+        ("API token", &api, "api-token"),
+        ("registration token", &reg, "registration-token"),
+    ] {
+        if *source == auth::Source::Generated {
+            // Printed once, at generation; afterwards it is only in the 0600 file.
+            eprintln!(
+                "generated {name} (saved in {}): {token}",
+                config.data_dir.join(file).display()
+            );
+        }
+    }
+    let listener = TcpListener::bind(&config.listen)
+        .map_err(io_err(format!("cannot listen on {}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io_err("listener address".into()))?;
+    let (kick, kicks) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared {
+        store,
+        registry: Mutex::new(registry::Registry::default()),
+        kick,
+        api_token_hash: auth::hash(&api.0),
+        registration_token_hash: auth::hash(&reg.0),
+        config,
+    });
+    {
+        let shared = shared.clone();
+        thread::Builder::new()
+            .name("dispatch".into())
+            .spawn(move || dispatch::run(shared, kicks))
+            .map_err(io_err("cannot start the dispatcher".into()))?;
+    }
+    // Tasks queued before a restart are dispatched as soon as agents report in.
+    shared.kick();
+    eprintln!("listening on http://{addr}");
+    log::info!("data dir {}", shared.config.data_dir.display());
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => start_connection(&shared, stream),
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                log::warn!("accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let shared = shared.clone();
+    let spawned = thread::Builder::new()
+        .name("conn".into())
+        .stack_size(CONN_STACK)
+        .spawn(move || api::serve_connection(shared, stream));
+    if let Err(e) = spawned {
+        log::error!("cannot start a connection thread: {e}");
+    }
+}

@@ -1,0 +1,398 @@
+//! The I/O loop of a WebSocket that must wait for frames *and* send at any moment: WS 1
+//! on both ends. One thread owns the socket and runs [`run`]; everyone else holds a
+//! [`Mailbox`] and drops text into it.
+//!
+//! The socket is non-blocking and the thread sleeps in `poll(2)` on two descriptors: the
+//! socket, and the read end of a Unix socket pair that [`Mailbox::send`] writes one byte
+//! to after queuing a message. So an idle connection costs no CPU between ticks, and a
+//! message reaches the wire as soon as it is queued, with no polling interval.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// A byte stream under a WebSocket or an HTTP exchange: plain TCP today; a TLS stream
+/// will implement it too, by handing out the TCP socket under it (for timeouts and poll).
+pub trait Transport: Read + Write + Send + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+/// The WebSocket settings for WS 1: small read buffers (an idle connection should cost
+/// a few KiB, not 128), bounded messages and a bounded write queue (a peer that stops
+/// reading is dropped, it does not grow our memory without end).
+pub fn control_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(8 << 20)
+        .max_message_size(Some(16 << 20))
+        .max_frame_size(Some(16 << 20))
+}
+
+/// What a mailbox carries to the socket's owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Text(String),
+    /// Close the connection with this code and reason.
+    Close(u16, String),
+    /// Nothing to send as such: call [`Peer::on_nudge`] (e.g. "state changed, report it").
+    Nudge,
+}
+
+/// The sending side: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Mailbox {
+    tx: Sender<Outgoing>,
+    wake: Arc<UnixStream>,
+}
+
+/// The receiving side, owned by the thread that owns the socket.
+pub struct Inbox {
+    rx: Receiver<Outgoing>,
+    wake: UnixStream,
+}
+
+/// A new mailbox and its inbox.
+pub fn mailbox() -> io::Result<(Mailbox, Inbox)> {
+    let (a, b) = UnixStream::pair()?;
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    Ok((
+        Mailbox {
+            tx,
+            wake: Arc::new(a),
+        },
+        Inbox { rx, wake: b },
+    ))
+}
+
+impl Mailbox {
+    /// Queues a message and wakes the owner. False when the owner is gone.
+    pub fn send(&self, msg: Outgoing) -> bool {
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        // A full pipe (WouldBlock) means a wake-up is already pending: nothing to do.
+        let _ = (&*self.wake).write(&[1]);
+        true
+    }
+
+    pub fn send_text(&self, text: String) -> bool {
+        self.send(Outgoing::Text(text))
+    }
+}
+
+impl Inbox {
+    /// Takes the next message without waiting (for owners that are not in [`run`]).
+    pub fn try_recv(&self) -> Result<Outgoing, TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    fn drain_wake(&self) {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = (&self.wake).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// What a handler tells the loop after each event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Flow {
+    Continue,
+    Close(u16, String),
+}
+
+/// The protocol side of a connection: decisions only, no I/O.
+pub trait Peer {
+    /// A text frame arrived. Push any replies onto `out`.
+    fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Flow;
+    /// The tick interval passed (heartbeats, liveness checks).
+    fn on_tick(&mut self, out: &mut Vec<String>) -> Flow;
+    /// Someone sent [`Outgoing::Nudge`].
+    fn on_nudge(&mut self, _out: &mut Vec<String>) -> Flow {
+        Flow::Continue
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum End {
+    /// The peer closed (or the TCP connection ended after a close handshake).
+    Closed,
+    /// We closed, with this reason.
+    WeClosed(String),
+}
+
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the connection until it ends. Returns an error for a broken connection.
+pub fn run<S: Transport>(
+    ws: &mut WebSocket<S>,
+    inbox: &Inbox,
+    tick: Duration,
+    peer: &mut dyn Peer,
+) -> Result<End, WsError> {
+    ws.get_ref().tcp().set_nonblocking(true)?;
+    let mut next_tick = Instant::now() + tick;
+    let mut out: Vec<String> = Vec::new();
+    // Set once we started a close: (reason, give-up time).
+    let mut closing: Option<(String, Instant)> = None;
+    let mut peer_closed = false;
+
+    loop {
+        // Inbound: everything the socket has.
+        loop {
+            match ws.read() {
+                Ok(Message::Text(text)) => {
+                    if closing.is_none() && !peer_closed {
+                        if let Flow::Close(code, reason) = peer.on_text(text.as_str(), &mut out)
+                        {
+                            start_close(ws, &mut closing, code, reason)?;
+                        }
+                    }
+                }
+                Ok(Message::Close(_)) => peer_closed = true,
+                Ok(_) => {} // ping/pong are answered by tungstenite; binary is not ours
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(WsError::ConnectionClosed) => return Ok(end_of(closing)),
+                Err(WsError::AlreadyClosed) => return Ok(end_of(closing)),
+                Err(e) => return Err(e),
+            }
+        }
+
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + tick;
+            if closing.is_none() && !peer_closed {
+                if let Flow::Close(code, reason) = peer.on_tick(&mut out) {
+                    start_close(ws, &mut closing, code, reason)?;
+                }
+            }
+        }
+        if let Some((reason, give_up)) = &closing {
+            if now >= *give_up {
+                return Ok(End::WeClosed(reason.clone()));
+            }
+        }
+
+        // Outbound: drain the wake-up bytes first, then the queue, so that a message
+        // queued after this point always leaves a byte for the next poll.
+        inbox.drain_wake();
+        loop {
+            match inbox.rx.try_recv() {
+                Ok(Outgoing::Text(t)) => out.push(t),
+                Ok(Outgoing::Nudge) => {
+                    if let Flow::Close(code, reason) = peer.on_nudge(&mut out) {
+                        if closing.is_none() && !peer_closed {
+                            start_close(ws, &mut closing, code, reason)?;
+                        }
+                    }
+                }
+                Ok(Outgoing::Close(code, reason)) => {
+                    if closing.is_none() && !peer_closed {
+                        start_close(ws, &mut closing, code, reason)?;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if closing.is_none() && !peer_closed {
+                        start_close(ws, &mut closing, 1001, "shutting down".into())?;
+                    }
+                    break;
+                }
+            }
+        }
+        if closing.is_some() || peer_closed {
+            out.clear();
+        }
+        for text in out.drain(..) {
+            match ws.write(Message::text(text)) {
+                Ok(()) => {}
+                // The frame is kept in tungstenite's write buffer; flush goes on below.
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let want_write = match ws.flush() {
+            Ok(()) => false,
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
+                return Ok(end_of(closing))
+            }
+            Err(e) => return Err(e),
+        };
+
+        // Sleep until the socket or the mailbox has something, or the next tick.
+        let now = Instant::now();
+        let mut deadline = next_tick;
+        if let Some((_, give_up)) = &closing {
+            deadline = deadline.min(*give_up);
+        }
+        let timeout = Timespec::try_from(deadline.saturating_duration_since(now))
+            .unwrap_or(Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            });
+        let mut sock_flags = PollFlags::IN;
+        if want_write {
+            sock_flags |= PollFlags::OUT;
+        }
+        let mut fds = [
+            PollFd::new(ws.get_ref().tcp(), sock_flags),
+            PollFd::new(&inbox.wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(WsError::Io(e.into())),
+        }
+    }
+}
+
+fn start_close<S: Transport>(
+    ws: &mut WebSocket<S>,
+    closing: &mut Option<(String, Instant)>,
+    code: u16,
+    reason: String,
+) -> Result<(), WsError> {
+    log::debug!("closing WebSocket: {code} {reason}");
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.clone().into(),
+    };
+    *closing = Some((reason, Instant::now() + CLOSE_GRACE));
+    match ws.close(Some(frame)) {
+        Ok(()) => Ok(()),
+        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn end_of(closing: Option<(String, Instant)>) -> End {
+    match closing {
+        Some((reason, _)) => End::WeClosed(reason),
+        None => End::Closed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+    use tungstenite::protocol::Role;
+
+    /// Echoes every text back upper-cased; closes on "bye".
+    struct Echo {
+        ticks: usize,
+    }
+
+    impl Peer for Echo {
+        fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Flow {
+            if text == "bye" {
+                return Flow::Close(1000, "bye".into());
+            }
+            out.push(text.to_uppercase());
+            Flow::Continue
+        }
+        fn on_tick(&mut self, _out: &mut Vec<String>) -> Flow {
+            self.ticks += 1;
+            Flow::Continue
+        }
+    }
+
+    fn pair() -> (WebSocket<TcpStream>, WebSocket<TcpStream>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (
+            WebSocket::from_raw_socket(s, Role::Server, Some(control_config())),
+            WebSocket::from_raw_socket(c, Role::Client, None),
+        )
+    }
+
+    #[test]
+    fn replies_pushes_from_mailbox_and_closes() {
+        let (mut server, mut client) = pair();
+        let (mbox, inbox) = mailbox().unwrap();
+        let h = thread::spawn(move || {
+            let mut echo = Echo { ticks: 0 };
+            run(&mut server, &inbox, Duration::from_secs(3600), &mut echo)
+        });
+        client.send(Message::text("hello")).unwrap();
+        assert_eq!(client.read().unwrap(), Message::text("HELLO"));
+        // A message pushed from another thread arrives while the loop sleeps in poll.
+        assert!(mbox.send_text("pushed".into()));
+        assert_eq!(client.read().unwrap(), Message::text("pushed"));
+        client.send(Message::text("bye")).unwrap();
+        match client.read().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.reason.as_str(), "bye"),
+            other => panic!("expected a close, got {other:?}"),
+        }
+        let _ = client.flush();
+        let end = h.join().unwrap().unwrap();
+        assert_eq!(end, End::WeClosed("bye".into()));
+    }
+
+    #[test]
+    fn dropping_every_mailbox_closes_with_1001() {
+        let (mut server, mut client) = pair();
+        let (mbox, inbox) = mailbox().unwrap();
+        let h = thread::spawn(move || {
+            let mut echo = Echo { ticks: 0 };
+            run(&mut server, &inbox, Duration::from_secs(3600), &mut echo)
+        });
+        drop(mbox);
+        match client.read().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1001),
+            other => panic!("expected a close, got {other:?}"),
+        }
+        let _ = client.flush();
+        assert!(matches!(h.join().unwrap(), Ok(End::WeClosed(_))));
+    }
+
+    /// Sends "tick" on every tick.
+    struct Ticker;
+
+    impl Peer for Ticker {
+        fn on_text(&mut self, _text: &str, _out: &mut Vec<String>) -> Flow {
+            Flow::Continue
+        }
+        fn on_tick(&mut self, out: &mut Vec<String>) -> Flow {
+            out.push("tick".into());
+            Flow::Continue
+        }
+    }
+
+    #[test]
+    fn ticks_fire_and_peer_close_ends_the_loop() {
+        let (mut server, mut client) = pair();
+        let (_mbox, inbox) = mailbox().unwrap();
+        let h = thread::spawn(move || run(&mut server, &inbox, Duration::from_millis(10), &mut Ticker));
+        for _ in 0..3 {
+            assert_eq!(client.read().unwrap(), Message::text("tick"));
+        }
+        client.close(None).unwrap();
+        while client.read().is_ok() {}
+        assert_eq!(h.join().unwrap().unwrap(), End::Closed);
+    }
+}
