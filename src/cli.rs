@@ -37,9 +37,7 @@ impl Flags {
             } else if table.iter().any(|(f, _, _)| *f == name) {
                 let value = match inline {
                     Some(v) => v,
-                    None => args
-                        .next()
-                        .ok_or_else(|| format!("{name} needs a value"))?,
+                    None => args.next().ok_or_else(|| format!("{name} needs a value"))?,
                 };
                 flags.values.push((name, value));
             } else if name.starts_with('-') {
@@ -126,13 +124,26 @@ mod tests {
 
     #[test]
     fn values_switches_and_errors() {
-        let f = parse(&["--name", "a", "--label=x=1", "--label", "y=2", "--help", "--name=b"]).unwrap();
+        let f = parse(&[
+            "--name",
+            "a",
+            "--label=x=1",
+            "--label",
+            "y=2",
+            "--help",
+            "--name=b",
+        ])
+        .unwrap();
         assert_eq!(f.value("--name", T).as_deref(), Some("b"));
         assert_eq!(f.values("--label"), ["x=1", "y=2"]);
         assert!(f.has("--help"));
-        assert!(parse(&["--nope"]).unwrap_err().contains("unknown flag --nope"));
+        assert!(parse(&["--nope"])
+            .unwrap_err()
+            .contains("unknown flag --nope"));
         assert!(parse(&["--name"]).unwrap_err().contains("needs a value"));
-        assert!(parse(&["stray"]).unwrap_err().contains("unexpected argument"));
+        assert!(parse(&["stray"])
+            .unwrap_err()
+            .contains("unexpected argument"));
         assert!(parse(&["--help=1"]).is_err());
     }
 
@@ -141,7 +152,10 @@ mod tests {
         let f = parse(&["--n", "7"]).unwrap();
         assert_eq!(f.number("--n", T, 1, 1..=10).unwrap(), 7);
         let f = parse(&["--n", "70"]).unwrap();
-        assert!(f.number("--n", T, 1, 1..=10).unwrap_err().contains("from 1 to 10"));
+        assert!(f
+            .number("--n", T, 1, 1..=10)
+            .unwrap_err()
+            .contains("from 1 to 10"));
         assert_eq!(parse(&[]).unwrap().number("--n", T, 3, 1..=10).unwrap(), 3);
     }
 }

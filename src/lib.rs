@@ -23,7 +23,11 @@ pub fn init_logging(level: Option<&str>) -> Result<(), String> {
         "info" => log::LevelFilter::Info,
         "debug" => log::LevelFilter::Debug,
         "trace" => log::LevelFilter::Trace,
-        other => return Err(format!("unknown log level {other:?}: use error, warn, info, debug or trace")),
+        other => {
+            return Err(format!(
+                "unknown log level {other:?}: use error, warn, info, debug or trace"
+            ))
+        }
     };
     let config = simplelog::ConfigBuilder::new()
         .set_time_format_rfc3339()

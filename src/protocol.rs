@@ -447,7 +447,9 @@ mod tests {
             let req: CreateTask = serde_json::from_str(body).unwrap();
             assert!(req.normalize().is_err(), "{body}");
         }
-        assert!(serde_json::from_str::<CreateTask>(r#"{"action": "destroy", "tf_json": {}}"#).is_err());
+        assert!(
+            serde_json::from_str::<CreateTask>(r#"{"action": "destroy", "tf_json": {}}"#).is_err()
+        );
     }
 
     #[test]
@@ -462,8 +464,14 @@ mod tests {
         assert_eq!(st(0, 2, true).admits(Action::Apply), Err("apply running"));
         // plans below the limit / at the limit
         assert_eq!(st(1, 2, false).admits(Action::Plan), Ok(()));
-        assert_eq!(st(2, 2, false).admits(Action::Plan), Err("plan limit reached"));
-        assert_eq!(st(0, 0, false).admits(Action::Plan), Err("plan limit reached"));
+        assert_eq!(
+            st(2, 2, false).admits(Action::Plan),
+            Err("plan limit reached")
+        );
+        assert_eq!(
+            st(0, 0, false).admits(Action::Plan),
+            Err("plan limit reached")
+        );
         // apply with 0 and with >0 plans
         assert_eq!(st(0, 2, false).admits(Action::Apply), Ok(()));
         assert_eq!(st(1, 2, false).admits(Action::Apply), Err("plans running"));
@@ -484,7 +492,14 @@ mod tests {
 
     #[test]
     fn statuses_round_trip() {
-        for s in ["queued", "running", "succeeded", "failed", "canceled", "lost"] {
+        for s in [
+            "queued",
+            "running",
+            "succeeded",
+            "failed",
+            "canceled",
+            "lost",
+        ] {
             assert_eq!(TaskStatus::parse(s).unwrap().as_str(), s);
         }
         assert!(TaskStatus::Lost.is_terminal());

@@ -163,8 +163,7 @@ pub fn run<S: Transport>(
             match ws.read() {
                 Ok(Message::Text(text)) => {
                     if closing.is_none() && !peer_closed {
-                        if let Flow::Close(code, reason) = peer.on_text(text.as_str(), &mut out)
-                        {
+                        if let Flow::Close(code, reason) = peer.on_text(text.as_str(), &mut out) {
                             start_close(ws, &mut closing, code, reason)?;
                         }
                     }
@@ -246,8 +245,8 @@ pub fn run<S: Transport>(
         if let Some((_, give_up)) = &closing {
             deadline = deadline.min(*give_up);
         }
-        let timeout = Timespec::try_from(deadline.saturating_duration_since(now))
-            .unwrap_or(Timespec {
+        let timeout =
+            Timespec::try_from(deadline.saturating_duration_since(now)).unwrap_or(Timespec {
                 tv_sec: 1,
                 tv_nsec: 0,
             });
@@ -387,7 +386,8 @@ mod tests {
     fn ticks_fire_and_peer_close_ends_the_loop() {
         let (mut server, mut client) = pair();
         let (_mbox, inbox) = mailbox().unwrap();
-        let h = thread::spawn(move || run(&mut server, &inbox, Duration::from_millis(10), &mut Ticker));
+        let h =
+            thread::spawn(move || run(&mut server, &inbox, Duration::from_millis(10), &mut Ticker));
         for _ in 0..3 {
             assert_eq!(client.read().unwrap(), Message::text("tick"));
         }

@@ -33,7 +33,10 @@ pub(crate) fn run(ctx: Arc<Ctx>, inbox: Inbox) -> Result<(), Error> {
                 Err(RegisterError::Refused(msg)) => return Err(Error::Refused(msg)),
                 Err(RegisterError::Retry(msg)) => {
                     let wait = backoff.next_wait();
-                    log::warn!("registration failed: {msg}; retrying in {:.1} s", wait.as_secs_f64());
+                    log::warn!(
+                        "registration failed: {msg}; retrying in {:.1} s",
+                        wait.as_secs_f64()
+                    );
                     thread::sleep(wait);
                     continue;
                 }
@@ -41,7 +44,11 @@ pub(crate) fn run(ctx: Arc<Ctx>, inbox: Inbox) -> Result<(), Error> {
         };
         match connect(&ctx, &creds) {
             Ok(mut ws) => {
-                log::info!("connected to {} as {}", ctx.config.server.ws("/agent/control"), creds.agent_id);
+                log::info!(
+                    "connected to {} as {}",
+                    ctx.config.server.ws("/agent/control"),
+                    creds.agent_id
+                );
                 let started = Instant::now();
                 let mut peer = ServerPeer { ctx: ctx.clone() };
                 let end = send_state(&ctx, &mut ws)
@@ -94,8 +101,9 @@ fn register(ctx: &Ctx) -> Result<Credentials, RegisterError> {
     let text = resp.body_mut().read_to_string().unwrap_or_default();
     match status {
         200 => {
-            let r: RegisterResponse = serde_json::from_str(&text)
-                .map_err(|e| RegisterError::Retry(format!("unreadable registration answer: {e}")))?;
+            let r: RegisterResponse = serde_json::from_str(&text).map_err(|e| {
+                RegisterError::Retry(format!("unreadable registration answer: {e}"))
+            })?;
             log::info!("registered as {}", r.agent_id);
             Ok(Credentials {
                 agent_id: r.agent_id,
@@ -131,7 +139,8 @@ fn connect(ctx: &Ctx, creds: &Credentials) -> Result<WebSocket<TcpStream>, Conne
         .map_err(|e| other(&e))?
         .next()
         .ok_or_else(|| ConnectError::Other(format!("{} has no address", server.host)))?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| other(&e))?;
+    let stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| other(&e))?;
     stream.set_nodelay(true).map_err(|e| other(&e))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -183,7 +192,9 @@ impl ServerPeer {
                 match ctx.scheduler.try_start(&task_id, task_data.action) {
                     Ok(Admission::Start) => {
                         log::info!("accepted {task_id} ({})", task_data.action.as_str());
-                        out.push(event(&AgentMsg::TaskAccepted { task_id: task_id.clone() }));
+                        out.push(event(&AgentMsg::TaskAccepted {
+                            task_id: task_id.clone(),
+                        }));
                         out.push(state_msg(ctx));
                         let cancel = Arc::new(runner::Cancel::default());
                         ctx.cancels().insert(task_id.clone(), cancel.clone());
@@ -222,10 +233,13 @@ impl ServerPeer {
                         log::info!("canceling {task_id}");
                         c.cancel(ctx.config.cancel_grace);
                     }
-                    None => log::info!("cancel of {task_id}, which does not run here: nothing to do"),
+                    None => {
+                        log::info!("cancel of {task_id}, which does not run here: nothing to do")
+                    }
                 }
             }
-            ServerMsg::StartRealtimeStream { task_id } | ServerMsg::StopRealtimeStream { task_id } => {
+            ServerMsg::StartRealtimeStream { task_id }
+            | ServerMsg::StopRealtimeStream { task_id } => {
                 log::debug!("live log streaming of {task_id} is not available in this version");
             }
         }

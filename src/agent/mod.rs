@@ -26,15 +26,51 @@ use crate::wsloop::{self, Mailbox};
 /// Flags that take a value, with their environment variable and help.
 pub const FLAGS: &[FlagSpec] = &[
     ("--server", "IAC_SERVER", "server URL, http:// (required)"),
-    ("--registration-token", "IAC_REGISTRATION_TOKEN", "token to register with (required)"),
-    ("--name", "IAC_AGENT_NAME", "agent name (default: host name)"),
-    ("--plan-limit", "IAC_PLAN_LIMIT", "plans to run at once (default: number of CPUs)"),
-    ("--work-dir", "IAC_WORK_DIR", "task dirs and log files (default ./iac-agent-work)"),
-    ("--terraform", "IAC_TERRAFORM", "terraform binary (default: terraform from PATH)"),
-    ("--ca-cert", "IAC_CA_CERT", "PEM CA bundle to trust besides the system roots (https only)"),
-    ("--label", "IAC_LABELS", "KEY=VALUE, repeatable (environment: k=v,k=v)"),
-    ("--cancel-grace-s", "IAC_CANCEL_GRACE_S", "seconds between SIGINT and SIGKILL on cancel (default 60)"),
-    ("--log-level", "IAC_LOG", "error, warn, info, debug or trace (default info)"),
+    (
+        "--registration-token",
+        "IAC_REGISTRATION_TOKEN",
+        "token to register with (required)",
+    ),
+    (
+        "--name",
+        "IAC_AGENT_NAME",
+        "agent name (default: host name)",
+    ),
+    (
+        "--plan-limit",
+        "IAC_PLAN_LIMIT",
+        "plans to run at once (default: number of CPUs)",
+    ),
+    (
+        "--work-dir",
+        "IAC_WORK_DIR",
+        "task dirs and log files (default ./iac-agent-work)",
+    ),
+    (
+        "--terraform",
+        "IAC_TERRAFORM",
+        "terraform binary (default: terraform from PATH)",
+    ),
+    (
+        "--ca-cert",
+        "IAC_CA_CERT",
+        "PEM CA bundle to trust besides the system roots (https only)",
+    ),
+    (
+        "--label",
+        "IAC_LABELS",
+        "KEY=VALUE, repeatable (environment: k=v,k=v)",
+    ),
+    (
+        "--cancel-grace-s",
+        "IAC_CANCEL_GRACE_S",
+        "seconds between SIGINT and SIGKILL on cancel (default 60)",
+    ),
+    (
+        "--log-level",
+        "IAC_LOG",
+        "error, warn, info, debug or trace (default info)",
+    ),
 ];
 
 /// The agent's checked configuration.
@@ -68,9 +104,11 @@ impl ServerUrl {
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => {
-                return Err("https:// servers need TLS, which this build does not have yet; \
+                return Err(
+                    "https:// servers need TLS, which this build does not have yet; \
                             use http:// (e.g. through an SSH tunnel or a TLS proxy)"
-                    .into())
+                        .into(),
+                )
             }
             _ => return Err(format!("--server {s:?} must start with http://")),
         }
@@ -134,7 +172,8 @@ pub fn parse_labels<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Labe
 impl Config {
     pub fn from_flags(flags: &Flags) -> Result<Config, String> {
         let get = |name: &str| flags.value(name, FLAGS);
-        let server = get("--server").ok_or("--server (or IAC_SERVER) is required, e.g. --server http://iac.example:8080")?;
+        let server = get("--server")
+            .ok_or("--server (or IAC_SERVER) is required, e.g. --server http://iac.example:8080")?;
         let registration_token = get("--registration-token")
             .ok_or("--registration-token (or IAC_REGISTRATION_TOKEN) is required")?;
         let host = hostname();
@@ -163,7 +202,12 @@ impl Config {
             work_dir: PathBuf::from(get("--work-dir").unwrap_or_else(|| "./iac-agent-work".into())),
             terraform: PathBuf::from(get("--terraform").unwrap_or_else(|| "terraform".into())),
             labels,
-            cancel_grace: Duration::from_secs(flags.number("--cancel-grace-s", FLAGS, 60, 0..=86_400)?),
+            cancel_grace: Duration::from_secs(flags.number(
+                "--cancel-grace-s",
+                FLAGS,
+                60,
+                0..=86_400,
+            )?),
         })
     }
 }
@@ -233,8 +277,12 @@ impl Ctx {
 
 /// Runs the agent until it is refused or the process ends.
 pub fn run(config: Config) -> Result<(), Error> {
-    std::fs::create_dir_all(&config.work_dir)
-        .map_err(|e| Error::Io(format!("cannot create work dir {}", config.work_dir.display()), e))?;
+    std::fs::create_dir_all(&config.work_dir).map_err(|e| {
+        Error::Io(
+            format!("cannot create work dir {}", config.work_dir.display()),
+            e,
+        )
+    })?;
     let http = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -270,8 +318,14 @@ mod tests {
     #[test]
     fn server_urls() {
         let u = ServerUrl::parse("http://iac.example:8080/base/").unwrap();
-        assert_eq!(u.http("/agents/register"), "http://iac.example:8080/base/agents/register");
-        assert_eq!(u.ws("/agent/control"), "ws://iac.example:8080/base/agent/control");
+        assert_eq!(
+            u.http("/agents/register"),
+            "http://iac.example:8080/base/agents/register"
+        );
+        assert_eq!(
+            u.ws("/agent/control"),
+            "ws://iac.example:8080/base/agent/control"
+        );
         let u = ServerUrl::parse("http://[::1]:9").unwrap();
         assert_eq!(u.ws("/x"), "ws://[::1]:9/x");
         assert_eq!(ServerUrl::parse("http://h").unwrap().port, 80);

@@ -43,13 +43,18 @@ impl Cancel {
         let Some(pgid) = *self.lock() else { return };
         signal_group(pgid, Signal::INT);
         let me = self.clone();
-        let _ = thread::Builder::new().name("cancel timer".into()).spawn(move || {
-            thread::sleep(grace);
-            if *me.lock() == Some(pgid) {
-                log::warn!("process group {pgid} still running {} s after SIGINT: SIGKILL", grace.as_secs());
-                signal_group(pgid, Signal::KILL);
-            }
-        });
+        let _ = thread::Builder::new()
+            .name("cancel timer".into())
+            .spawn(move || {
+                thread::sleep(grace);
+                if *me.lock() == Some(pgid) {
+                    log::warn!(
+                        "process group {pgid} still running {} s after SIGINT: SIGKILL",
+                        grace.as_secs()
+                    );
+                    signal_group(pgid, Signal::KILL);
+                }
+            });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<i32>> {
@@ -77,7 +82,9 @@ fn signal_group(pgid: i32, sig: Signal) {
 
 /// The child's environment: the agent's own, minus its secrets and settings (`IAC_*`),
 /// plus Terraform's automation switches.
-pub(crate) fn child_env(parent: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+pub(crate) fn child_env(
+    parent: impl Iterator<Item = (OsString, OsString)>,
+) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = parent
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
@@ -113,7 +120,10 @@ pub(crate) fn task_dir(work_dir: &Path, task_id: &str) -> PathBuf {
 }
 
 pub(crate) fn log_path(work_dir: &Path, task_id: &str, phase: Phase) -> PathBuf {
-    work_dir.join("logs").join(task_id).join(format!("{}.log", phase.as_str()))
+    work_dir
+        .join("logs")
+        .join(task_id)
+        .join(format!("{}.log", phase.as_str()))
 }
 
 /// Writes the task's configuration into a fresh directory.
@@ -133,7 +143,13 @@ fn prepare(dir: &Path, task: &TaskData) -> io::Result<()> {
 }
 
 /// Runs one phase's steps with output into `log`. Returns the phase's exit code.
-fn run_phase(ctx: &Ctx, dir: &Path, log: &mut File, phase: Phase, cancel: &Cancel) -> io::Result<i32> {
+fn run_phase(
+    ctx: &Ctx,
+    dir: &Path,
+    log: &mut File,
+    phase: Phase,
+    cancel: &Cancel,
+) -> io::Result<i32> {
     for args in phase_steps(phase) {
         if cancel.is_canceled() {
             writeln!(log, "--- canceled before terraform {} ---", args[0])?;
@@ -189,7 +205,11 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
         let code = match open_log(&path) {
             Ok(mut log) => match prepared {
                 Err(ref e) => {
-                    let _ = writeln!(log, "cannot prepare the task directory {}: {e}", dir.display());
+                    let _ = writeln!(
+                        log,
+                        "cannot prepare the task directory {}: {e}",
+                        dir.display()
+                    );
                     -1
                 }
                 Ok(()) => run_phase(ctx, &dir, &mut log, phase, cancel).unwrap_or_else(|e| {
@@ -267,7 +287,11 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         let env = child_env(parent);
-        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.to_str().unwrap());
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_str().unwrap())
+        };
         assert_eq!(get("PATH"), Some("/bin"));
         assert_eq!(get("AWS_REGION"), Some("eu-west-1"));
         assert_eq!(get("IAC_REGISTRATION_TOKEN"), None);
@@ -301,15 +325,24 @@ mod tests {
         fs::write(dir.join("stale"), "x").unwrap();
         prepare(&dir, &task).unwrap();
         assert!(!dir.join("stale").exists(), "a fresh directory every time");
-        assert_eq!(fs::read_to_string(dir.join("main.tf.json")).unwrap(), task.tf_json);
-        let mode = fs::metadata(dir.join("terraform.tfvars.json")).unwrap().permissions().mode();
+        assert_eq!(
+            fs::read_to_string(dir.join("main.tf.json")).unwrap(),
+            task.tf_json
+        );
+        let mode = fs::metadata(dir.join("terraform.tfvars.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn exit_codes_of_signals() {
-        let st = Command::new("sh").args(["-c", "kill -INT $$"]).status().unwrap();
+        let st = Command::new("sh")
+            .args(["-c", "kill -INT $$"])
+            .status()
+            .unwrap();
         assert_eq!(exit_code(st), 130);
         let st = Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
         assert_eq!(exit_code(st), 3);

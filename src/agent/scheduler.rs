@@ -126,7 +126,10 @@ mod tests {
     fn a_repeated_run_task_is_accepted_once() {
         let s = Scheduler::new(1);
         assert_eq!(s.try_start("P1", Action::Plan), Ok(Admission::Start));
-        assert_eq!(s.try_start("P1", Action::Plan), Ok(Admission::AlreadyRunning));
+        assert_eq!(
+            s.try_start("P1", Action::Plan),
+            Ok(Admission::AlreadyRunning)
+        );
         assert_eq!(s.snapshot().0.plan_running_count, 1);
         s.finish("P1");
         s.finish("P1");

@@ -23,10 +23,10 @@ pub(crate) fn retryable(status: u16) -> bool {
 
 /// Uploads `path` as the `phase` log of `task_id`.
 pub(crate) fn upload(ctx: &Ctx, task_id: &str, phase: Phase, path: &Path) -> Result<(), String> {
-    let url = ctx
-        .config
-        .server
-        .http(&format!("/api/tasks/{task_id}/logs/upload?phase={}", phase.as_str()));
+    let url = ctx.config.server.http(&format!(
+        "/api/tasks/{task_id}/logs/upload?phase={}",
+        phase.as_str()
+    ));
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut attempt = 0;
     loop {
@@ -42,7 +42,11 @@ pub(crate) fn upload(ctx: &Ctx, task_id: &str, phase: Phase, path: &Path) -> Res
             }
             Err((_, msg)) => {
                 let wait = backoff.next_wait();
-                log::warn!("upload of {task_id} {} log failed: {msg}; retrying in {:.1} s", phase.as_str(), wait.as_secs_f64());
+                log::warn!(
+                    "upload of {task_id} {} log failed: {msg}; retrying in {:.1} s",
+                    phase.as_str(),
+                    wait.as_secs_f64()
+                );
                 thread::sleep(wait);
             }
         }
@@ -53,7 +57,8 @@ fn attempt_upload(ctx: &Ctx, url: &str, path: &Path) -> Result<(), (Option<u16>,
     let Some(creds) = ctx.credentials() else {
         return Err((None, "not registered yet".into()));
     };
-    let file = File::open(path).map_err(|e| (Some(0), format!("cannot read {}: {e}", path.display())))?;
+    let file =
+        File::open(path).map_err(|e| (Some(0), format!("cannot read {}: {e}", path.display())))?;
     let mut resp = ctx
         .http
         .post(url)

@@ -15,7 +15,14 @@ fn main() -> ExitCode {
         }
     };
     if flags.has("--help") {
-        print!("{}", usage("iac-agent --server URL --registration-token TOKEN [FLAGS]", "The IAC agent: dials out to the server and runs Terraform tasks.", FLAGS));
+        print!(
+            "{}",
+            usage(
+                "iac-agent --server URL --registration-token TOKEN [FLAGS]",
+                "The IAC agent: dials out to the server and runs Terraform tasks.",
+                FLAGS
+            )
+        );
         return ExitCode::SUCCESS;
     }
     if flags.has("--version") {

@@ -15,7 +15,14 @@ fn main() -> ExitCode {
         }
     };
     if flags.has("--help") {
-        print!("{}", usage("iac-server [FLAGS]", "The IAC control plane: HTTP API, agent C&C hub and store.", FLAGS));
+        print!(
+            "{}",
+            usage(
+                "iac-server [FLAGS]",
+                "The IAC control plane: HTTP API, agent C&C hub and store.",
+                FLAGS
+            )
+        );
         return ExitCode::SUCCESS;
     }
     if flags.has("--version") {

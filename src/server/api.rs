@@ -94,7 +94,10 @@ type Handled = Result<Reply, Response>;
 
 fn internal(e: StoreError) -> Response {
     log::error!("store: {e}");
-    Response::error(500, "the server could not read or write its store; see the server log")
+    Response::error(
+        500,
+        "the server could not read or write its store; see the server log",
+    )
 }
 
 /// One request in flight: its head, its connection (for the body) and whether the
@@ -137,14 +140,21 @@ pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
                     HeadError::TimedOut => 408,
                     _ => 400,
                 };
-                let _ = conn.write_response(&Response::error(status, e.to_string()), false);
+                if conn
+                    .write_response(&Response::error(status, e.to_string()), false)
+                    .is_ok()
+                {
+                    conn.close_gracefully();
+                }
                 return;
             }
         };
         let body_len = match head.content_length() {
             Ok(n) => n,
             Err(resp) => {
-                let _ = conn.write_response(&resp, false);
+                if conn.write_response(&resp, false).is_ok() {
+                    conn.close_gracefully();
+                }
                 return;
             }
         };
@@ -155,7 +165,8 @@ pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
             body_read: body_len == 0,
         };
         let reply = handle(&shared, &mut req).unwrap_or_else(Reply::Answer);
-        let reusable = req.body_read && head.keep_alive();
+        let req_body_read = req.body_read;
+        let reusable = req_body_read && head.keep_alive();
         let written = match reply {
             Reply::Answer(resp) => conn.write_response(&resp, reusable),
             Reply::File(mut f, len, ctype) => conn.write_stream(200, ctype, &mut f, len, reusable),
@@ -167,8 +178,11 @@ pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
                 return;
             }
         };
-        if written.is_err() || !reusable {
-            return;
+        match written {
+            Ok(()) if reusable => {}
+            // An answer before the body was read (413, 401, ...): let the client read it.
+            Ok(()) if !req_body_read => return conn.close_gracefully(),
+            _ => return,
         }
     }
 }
@@ -194,7 +208,10 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
             .with_header("Allow", allowed.join(", ")))
         }
         Routed::NotFound => {
-            return Err(Response::error(404, format!("no such endpoint: {}", head.path)))
+            return Err(Response::error(
+                404,
+                format!("no such endpoint: {}", head.path),
+            ))
         }
     };
     let task = || -> Result<&str, Response> {
@@ -226,7 +243,10 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
         ("GET", "/api/tasks/{task_id}/logs/{phase}") => get_log(shared, head, task()?, caps[1]),
         ("POST", "/api/tasks/{task_id}/logs/upload") => upload_log(shared, req, task()?),
         ("GET", "/api/agents") => list_agents(shared, head),
-        (m, p) => Err(Response::error(500, format!("route {m} {p} has no handler"))),
+        (m, p) => Err(Response::error(
+            500,
+            format!("route {m} {p} has no handler"),
+        )),
     }
 }
 
@@ -258,12 +278,10 @@ fn agent_auth(shared: &Shared, head: &Head) -> Result<AgentRow, Response> {
 fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
     match req.head.bearer() {
         Some(t) if auth::matches(t, &shared.registration_token_hash) => {}
-        _ => {
-            return Err(Response::error(
-                401,
-                "missing or wrong registration token: send Authorization: Bearer <registration token>",
-            ))
-        }
+        _ => return Err(Response::error(
+            401,
+            "missing or wrong registration token: send Authorization: Bearer <registration token>",
+        )),
     }
     let body: RegisterRequest = req.json_body(shared.config.max_request_bytes)?;
     if body.name.is_empty() || body.name.len() > 64 || !valid_task_id(&body.name) {
@@ -273,10 +291,16 @@ fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
         ));
     }
     if !(1..=1024).contains(&body.plan_limit) {
-        return Err(Response::error(400, "plan_limit must be between 1 and 1024"));
+        return Err(Response::error(
+            400,
+            "plan_limit must be between 1 and 1024",
+        ));
     }
     if body.labels.len() > 64
-        || body.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255)
+        || body
+            .labels
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255)
     {
         return Err(Response::error(
             400,
@@ -302,11 +326,10 @@ fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
 fn control_upgrade(shared: &Shared, head: &Head) -> Handled {
     let agent = agent_auth(shared, head)?;
     if !head.is_websocket_upgrade() || !head.header_has_token("connection", "upgrade") {
-        return Err(Response::error(
-            426,
-            "this endpoint is a WebSocket: send Upgrade: websocket",
-        )
-        .with_header("Upgrade", "websocket"));
+        return Err(
+            Response::error(426, "this endpoint is a WebSocket: send Upgrade: websocket")
+                .with_header("Upgrade", "websocket"),
+        );
     }
     if head.header("sec-websocket-version").map(str::trim) != Some("13") {
         return Err(Response::error(400, "Sec-WebSocket-Version must be 13")
@@ -366,29 +389,45 @@ fn no_task(id: &str) -> Response {
 
 fn get_task(shared: &Shared, head: &Head, id: &str) -> Handled {
     client_auth(shared, head)?;
-    let rec = shared.store.task(id).map_err(internal)?.ok_or_else(|| no_task(id))?;
+    let rec = shared
+        .store
+        .task(id)
+        .map_err(internal)?
+        .ok_or_else(|| no_task(id))?;
     Ok(Reply::Answer(Response::json(200, &rec.view())))
 }
 
 fn parse_phase(s: &str) -> Result<Phase, Response> {
-    Phase::parse(s).ok_or_else(|| Response::error(400, format!("unknown phase {s:?}: use plan or apply")))
+    Phase::parse(s)
+        .ok_or_else(|| Response::error(400, format!("unknown phase {s:?}: use plan or apply")))
 }
 
 fn get_log(shared: &Shared, head: &Head, id: &str, phase: &str) -> Handled {
     client_auth(shared, head)?;
     let phase = parse_phase(phase)?;
-    let rec = shared.store.task(id).map_err(internal)?.ok_or_else(|| no_task(id))?;
+    let rec = shared
+        .store
+        .task(id)
+        .map_err(internal)?
+        .ok_or_else(|| no_task(id))?;
     if !rec.phases.contains_key(phase.as_str()) {
         return Err(Response::error(
             404,
-            format!("task {id} is a {} task: it has no {} phase", rec.action.as_str(), phase.as_str()),
+            format!(
+                "task {id} is a {} task: it has no {} phase",
+                rec.action.as_str(),
+                phase.as_str()
+            ),
         ));
     }
     match shared.store.open_log(id, phase).map_err(internal)? {
         Some((f, len)) => Ok(Reply::File(f, len, "text/plain; charset=utf-8")),
         None => Err(Response::error(
             404,
-            format!("the {} log of {id} has not been uploaded yet", phase.as_str()),
+            format!(
+                "the {} log of {id} has not been uploaded yet",
+                phase.as_str()
+            ),
         )),
     }
 }
@@ -409,8 +448,12 @@ fn cancel_task(shared: &Shared, head: &Head, id: &str) -> Handled {
             // Running: the agent stops it and reports `canceled`.
             let agent = rec.agent_id.clone().unwrap_or_default();
             let sent = shared.registry().mailbox(&agent).is_some_and(|m| {
-                let msg = ServerMsg::CancelTask { task_id: id.to_string() };
-                m.send(Outgoing::Text(serde_json::to_string(&msg).unwrap_or_default()))
+                let msg = ServerMsg::CancelTask {
+                    task_id: id.to_string(),
+                };
+                m.send(Outgoing::Text(
+                    serde_json::to_string(&msg).unwrap_or_default(),
+                ))
             });
             if !sent {
                 return Err(Response::error(
@@ -422,7 +465,10 @@ fn cancel_task(shared: &Shared, head: &Head, id: &str) -> Handled {
             Ok(Reply::Answer(Response::json(202, &rec.view())))
         }
         Err(Refusal::Conflict(msg)) => Err(Response::error(409, msg)),
-        Err(_) => Err(Response::error(409, format!("task {id} cannot be canceled now"))),
+        Err(_) => Err(Response::error(
+            409,
+            format!("task {id} cannot be canceled now"),
+        )),
     }
 }
 
@@ -432,7 +478,11 @@ fn upload_log(shared: &Shared, req: &mut Req<'_>, id: &str) -> Handled {
         Some(p) => parse_phase(&p)?,
         None => return Err(Response::error(400, "missing ?phase=plan or ?phase=apply")),
     };
-    let rec = shared.store.task(id).map_err(internal)?.ok_or_else(|| no_task(id))?;
+    let rec = shared
+        .store
+        .task(id)
+        .map_err(internal)?
+        .ok_or_else(|| no_task(id))?;
     match rec.may_upload(&agent.agent_id, phase) {
         Ok(()) => {}
         Err(Refusal::Conflict(msg)) => return Err(Response::error(409, msg)),
@@ -455,7 +505,9 @@ fn upload_log(shared: &Shared, req: &mut Req<'_>, id: &str) -> Handled {
         .conn
         .body(len)
         .map_err(|e| Response::error(400, format!("could not read the body: {e}")))?;
-    let saved = shared.store.save_log(id, phase, &mut body as &mut dyn Read, len);
+    let saved = shared
+        .store
+        .save_log(id, phase, &mut body as &mut dyn Read, len);
     req.body_read = true;
     match saved {
         Ok(n) => {
@@ -478,7 +530,10 @@ fn upload_log(shared: &Shared, req: &mut Req<'_>, id: &str) -> Handled {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn list_agents(shared: &Shared, head: &Head) -> Handled {
@@ -511,7 +566,10 @@ mod tests {
             route("POST", "/api/tasks/T-1/logs/upload"),
             Routed::Found(10, vec!["T-1"])
         );
-        assert_eq!(route("DELETE", "/api/tasks"), Routed::WrongMethod(vec!["GET", "POST"]));
+        assert_eq!(
+            route("DELETE", "/api/tasks"),
+            Routed::WrongMethod(vec!["GET", "POST"])
+        );
         assert_eq!(route("GET", "/api/tasks/T-1/logs"), Routed::NotFound);
         assert_eq!(route("GET", "/api/tasks//cancel"), Routed::NotFound);
         assert_eq!(route("GET", "/nope"), Routed::NotFound);
@@ -533,6 +591,10 @@ mod tests {
             assert!(op.is_object(), "{method} {path} is not in openapi.json");
         }
         let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
-        assert_eq!(documented, ROUTES.len(), "openapi.json documents routes the server lacks");
+        assert_eq!(
+            documented,
+            ROUTES.len(),
+            "openapi.json documents routes the server lacks"
+        );
     }
 }

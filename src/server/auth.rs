@@ -77,12 +77,18 @@ mod tests {
 
     #[test]
     fn tokens_are_generated_once_and_kept_private() {
-        let dir = std::env::temp_dir().join(format!("iac-auth-{}", crate::util::hex(&crate::util::random_bytes(6).unwrap())));
+        let dir = std::env::temp_dir().join(format!(
+            "iac-auth-{}",
+            crate::util::hex(&crate::util::random_bytes(6).unwrap())
+        ));
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("api-token");
         let (t1, s1) = load_or_create(None, &file).unwrap();
         assert_eq!(s1, Source::Generated);
-        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let (t2, s2) = load_or_create(None, &file).unwrap();
         assert_eq!((t2.as_str(), s2), (t1.as_str(), Source::Saved));
         let (t3, s3) = load_or_create(Some("given"), &file).unwrap();

@@ -21,7 +21,12 @@ pub(crate) const CLOSE_SILENT: u16 = 4000;
 pub(crate) const CLOSE_REPLACED: u16 = 4001;
 
 /// Serves WS 1 for `agent` until it ends. The 101 answer has been sent.
-pub(crate) fn serve<S: Transport>(shared: Arc<Shared>, agent: AgentRow, stream: S, leftover: Vec<u8>) {
+pub(crate) fn serve<S: Transport>(
+    shared: Arc<Shared>,
+    agent: AgentRow,
+    stream: S,
+    leftover: Vec<u8>,
+) {
     let mut ws = WebSocket::from_partially_read(
         stream,
         leftover,
@@ -43,7 +48,10 @@ pub(crate) fn serve<S: Transport>(shared: Arc<Shared>, agent: AgentRow, stream: 
         &now_rfc3339(),
     );
     if let Some(old) = old {
-        old.send(Outgoing::Close(CLOSE_REPLACED, "replaced by a newer connection".into()));
+        old.send(Outgoing::Close(
+            CLOSE_REPLACED,
+            "replaced by a newer connection".into(),
+        ));
     }
     log::info!("agent {} ({}) connected", agent.agent_id, agent.name);
     let heartbeat = shared.config.heartbeat_interval;
@@ -64,7 +72,10 @@ pub(crate) fn serve<S: Transport>(shared: Arc<Shared>, agent: AgentRow, stream: 
         Err(e) => log::warn!("agent {} connection broke: {e}", agent.agent_id),
     }
     if let Some(tasks) = released.filter(|t| !t.is_empty()) {
-        log::info!("tasks {tasks:?} sent to {} but never accepted go back to the queue", agent.agent_id);
+        log::info!(
+            "tasks {tasks:?} sent to {} but never accepted go back to the queue",
+            agent.agent_id
+        );
     }
     shared.kick();
 }
@@ -106,7 +117,10 @@ impl AgentPeer {
         }
         let result = match msg {
             AgentMsg::State { state, running } => {
-                if shared.registry().report(agent, self.conn_id, state, running, &now) {
+                if shared
+                    .registry()
+                    .report(agent, self.conn_id, state, running, &now)
+                {
                     shared.kick();
                 }
                 return;
@@ -118,9 +132,13 @@ impl AgentPeer {
                 return;
             }
             AgentMsg::TaskAccepted { task_id } => {
-                let r = shared.store.update_task(&task_id, |t| t.accept(agent, &now));
+                let r = shared
+                    .store
+                    .update_task(&task_id, |t| t.accept(agent, &now));
                 match &r {
-                    Ok(Some((Ok(Change::Changed), _))) => log::info!("task {task_id} running on {agent}"),
+                    Ok(Some((Ok(Change::Changed), _))) => {
+                        log::info!("task {task_id} running on {agent}")
+                    }
                     Ok(Some((Ok(Change::Unchanged), _))) => {}
                     Ok(Some((Err(refusal), _))) => {
                         log::info!("agent {agent} accepted {task_id}, which it may not run ({refusal:?}): canceling it there");
@@ -128,18 +146,28 @@ impl AgentPeer {
                         self.cancel(&task_id, out);
                     }
                     Ok(None) => {
-                        log::warn!("agent {agent} accepted unknown task {task_id}: canceling it there");
+                        log::warn!(
+                            "agent {agent} accepted unknown task {task_id}: canceling it there"
+                        );
                         self.cancel(&task_id, out);
                     }
                     Err(_) => {}
                 }
                 r.map(|_| ())
             }
-            AgentMsg::PhaseFinished { task_id, phase, exit_code } => shared
+            AgentMsg::PhaseFinished {
+                task_id,
+                phase,
+                exit_code,
+            } => shared
                 .store
                 .update_task(&task_id, |t| t.finish_phase(agent, phase, exit_code, &now))
                 .map(|r| log_refusal(agent, &task_id, r)),
-            AgentMsg::TaskFinished { task_id, status, exit_code } => {
+            AgentMsg::TaskFinished {
+                task_id,
+                status,
+                exit_code,
+            } => {
                 let r = shared
                     .store
                     .update_task(&task_id, |t| t.finish(agent, status, exit_code, &now));
@@ -157,10 +185,16 @@ impl AgentPeer {
     }
 }
 
-fn log_refusal(agent: &str, task_id: &str, r: Option<(super::lifecycle::Outcome, super::lifecycle::TaskRecord)>) {
+fn log_refusal(
+    agent: &str,
+    task_id: &str,
+    r: Option<(super::lifecycle::Outcome, super::lifecycle::TaskRecord)>,
+) {
     match r {
         None => log::warn!("agent {agent} reported on unknown task {task_id}"),
-        Some((Err(Refusal::NotYours), _)) => log::warn!("agent {agent} reported on {task_id}, which is not its task"),
+        Some((Err(Refusal::NotYours), _)) => {
+            log::warn!("agent {agent} reported on {task_id}, which is not its task")
+        }
         Some((Err(e), _)) => log::warn!("agent {agent} reported on {task_id}: {e:?}"),
         Some((Ok(_), _)) => {}
     }
@@ -172,7 +206,10 @@ impl Peer for AgentPeer {
         match serde_json::from_str::<AgentMsg>(text) {
             Ok(msg) => self.on_msg(msg, out),
             // An agent newer than this server may send messages it does not know yet.
-            Err(e) => log::warn!("agent {} sent a message this server cannot read: {e}", self.agent_id),
+            Err(e) => log::warn!(
+                "agent {} sent a message this server cannot read: {e}",
+                self.agent_id
+            ),
         }
         Flow::Continue
     }

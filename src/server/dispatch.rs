@@ -57,7 +57,13 @@ pub(crate) fn assign(queued: &[Queued], agents: &[Candidate]) -> Vec<(String, St
         let best = (0..agents.len())
             .filter(eligible)
             .filter(|i| agents[*i].state.admits(task.action).is_ok())
-            .reduce(|a, b| if less_loaded(&agents[b], &agents[a]) { b } else { a });
+            .reduce(|a, b| {
+                if less_loaded(&agents[b], &agents[a]) {
+                    b
+                } else {
+                    a
+                }
+            });
         match best {
             Some(i) => {
                 agents[i].state = agents[i].state.with_started(task.action);
@@ -124,7 +130,10 @@ mod tests {
     fn agent(id: &str, count: u32, limit: u32, apply: bool, labels: &[(&str, &str)]) -> Candidate {
         Candidate {
             agent_id: id.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             state: AgentState {
                 plan_running_count: count,
                 plan_limit: limit,
@@ -137,18 +146,25 @@ mod tests {
         Queued {
             task_id: id.into(),
             action,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn plans_fill_up_to_the_limit_least_loaded_first() {
         let agents = [agent("A", 1, 2, false, &[]), agent("B", 0, 2, false, &[])];
-        let queued: Vec<_> = (1..=5).map(|i| task(&format!("T{i}"), Action::Plan, &[])).collect();
+        let queued: Vec<_> = (1..=5)
+            .map(|i| task(&format!("T{i}"), Action::Plan, &[]))
+            .collect();
         assert_eq!(
             assign(&queued, &agents),
             pairs(&[("T1", "B"), ("T2", "A"), ("T3", "B")])
@@ -168,24 +184,36 @@ mod tests {
     #[test]
     fn an_apply_running_agent_gets_nothing() {
         let agents = [agent("A", 0, 4, true, &[])];
-        let queued = [task("T1", Action::Plan, &[]), task("T2", Action::Apply, &[])];
+        let queued = [
+            task("T1", Action::Plan, &[]),
+            task("T2", Action::Apply, &[]),
+        ];
         assert!(assign(&queued, &agents).is_empty());
     }
 
     #[test]
     fn an_apply_takes_an_idle_agent_whole() {
         let agents = [agent("A", 0, 4, false, &[])];
-        let queued = [task("T1", Action::Apply, &[]), task("T2", Action::Plan, &[])];
+        let queued = [
+            task("T1", Action::Apply, &[]),
+            task("T2", Action::Plan, &[]),
+        ];
         assert_eq!(assign(&queued, &agents), pairs(&[("T1", "A")]));
     }
 
     #[test]
     fn a_waiting_apply_holds_its_agent_against_later_plans() {
         let agents = [agent("A", 1, 4, false, &[])];
-        let queued = [task("T1", Action::Apply, &[]), task("T2", Action::Plan, &[])];
+        let queued = [
+            task("T1", Action::Apply, &[]),
+            task("T2", Action::Plan, &[]),
+        ];
         assert!(assign(&queued, &agents).is_empty());
         // Plans queued *before* the apply still run.
-        let queued = [task("T0", Action::Plan, &[]), task("T1", Action::Apply, &[])];
+        let queued = [
+            task("T0", Action::Plan, &[]),
+            task("T1", Action::Apply, &[]),
+        ];
         assert_eq!(assign(&queued, &agents), pairs(&[("T0", "A")]));
     }
 
@@ -200,9 +228,6 @@ mod tests {
             task("T2", Action::Plan, &[("zone", "dmz"), ("os", "bsd")]),
             task("T3", Action::Plan, &[]),
         ];
-        assert_eq!(
-            assign(&queued, &agents),
-            pairs(&[("T1", "B"), ("T3", "A")])
-        );
+        assert_eq!(assign(&queued, &agents), pairs(&[("T1", "B"), ("T3", "A")]));
     }
 }

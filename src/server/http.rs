@@ -159,7 +159,9 @@ impl Head {
     pub fn query_param(&self, name: &str) -> Option<String> {
         self.query.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k)? == name).then(|| percent_decode(v)).flatten()
+            (percent_decode(k)? == name)
+                .then(|| percent_decode(v))
+                .flatten()
         })
     }
 
@@ -285,10 +287,17 @@ impl<S: Transport> Conn<S> {
             if left.is_zero() {
                 return Err(HeadError::TimedOut);
             }
-            self.stream.tcp().set_read_timeout(Some(left)).map_err(HeadError::Io)?;
+            self.stream
+                .tcp()
+                .set_read_timeout(Some(left))
+                .map_err(HeadError::Io)?;
             match self.stream.read(&mut chunk) {
                 Ok(0) if self.buf.is_empty() => return Err(HeadError::Idle),
-                Ok(0) => return Err(HeadError::Malformed("the connection closed mid-head".into())),
+                Ok(0) => {
+                    return Err(HeadError::Malformed(
+                        "the connection closed mid-head".into(),
+                    ))
+                }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if is_timeout(&e) && self.buf.is_empty() => return Err(HeadError::Idle),
                 Err(e) if is_timeout(&e) => return Err(HeadError::TimedOut),
@@ -300,7 +309,9 @@ impl<S: Transport> Conn<S> {
 
     /// A reader of exactly `len` body bytes (buffered ones first).
     pub fn body(&mut self, len: u64) -> io::Result<Body<'_, S>> {
-        self.stream.tcp().set_read_timeout(Some(self.limits.body_timeout))?;
+        self.stream
+            .tcp()
+            .set_read_timeout(Some(self.limits.body_timeout))?;
         Ok(Body {
             conn: self,
             left: len,
@@ -358,9 +369,31 @@ impl<S: Transport> Conn<S> {
         self.stream.write_all(head.as_bytes())?;
         let n = io::copy(&mut body.take(len), &mut self.stream)?;
         if n != len {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "log shrank while sent"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "log shrank while sent",
+            ));
         }
         self.stream.flush()
+    }
+
+    /// Ends a connection after an error answer without losing that answer: a close with
+    /// unread input makes the kernel send a reset, which can destroy the answer before
+    /// the client reads it. So: shut our side, then read and drop what the client still
+    /// sends, for a bounded time and size.
+    pub fn close_gracefully(mut self) {
+        let tcp = self.stream.tcp();
+        let _ = tcp.shutdown(std::net::Shutdown::Write);
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut sink = [0u8; 8192];
+        let mut total = 0usize;
+        while Instant::now() < deadline && total < (1 << 20) {
+            match self.stream.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
     }
 
     /// The socket and the bytes already read past the head (the start of a WebSocket).
@@ -395,7 +428,10 @@ impl<S: Transport> Read for Body<'_, S> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn to_head(req: &httparse::Request<'_, '_>) -> Result<Head, HeadError> {
@@ -507,7 +543,10 @@ mod tests {
             path: "/".into(),
             query: String::new(),
             http10: false,
-            headers: hs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            headers: hs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         assert_eq!(head(&[]).content_length().unwrap(), 0);
         assert_eq!(
@@ -518,10 +557,19 @@ mod tests {
             400
         );
         assert_eq!(
-            head(&[("Transfer-Encoding", "chunked")]).content_length().unwrap_err().status,
+            head(&[("Transfer-Encoding", "chunked")])
+                .content_length()
+                .unwrap_err()
+                .status,
             411
         );
-        assert_eq!(head(&[("Content-Length", "-1")]).content_length().unwrap_err().status, 400);
+        assert_eq!(
+            head(&[("Content-Length", "-1")])
+                .content_length()
+                .unwrap_err()
+                .status,
+            400
+        );
         assert_eq!(
             head(&[("Content-Length", "1"), ("Content-Length", "2")])
                 .content_length()
@@ -530,7 +578,9 @@ mod tests {
             400
         );
         assert_eq!(
-            head(&[("Content-Length", "2"), ("content-length", "2")]).content_length().unwrap(),
+            head(&[("Content-Length", "2"), ("content-length", "2")])
+                .content_length()
+                .unwrap(),
             2
         );
     }
@@ -538,13 +588,17 @@ mod tests {
     #[test]
     fn responses_have_length_and_json_errors() {
         let (mut c, mut client) = conn_with(b"", false, Limits::default());
-        c.write_response(&Response::error(404, "no task T-1"), false).unwrap();
+        c.write_response(&Response::error(404, "no task T-1"), false)
+            .unwrap();
         drop(c);
         let mut text = String::new();
         client.read_to_string(&mut text).unwrap();
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
         let body = r#"{"error":"no task T-1"}"#;
-        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())), "{text}");
+        assert!(
+            text.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{text}"
+        );
         assert!(text.ends_with(body), "{text}");
     }
 }

@@ -122,7 +122,13 @@ impl TaskRecord {
 
     /// A phase ended with `exit_code`. After a failed plan, an apply phase is skipped;
     /// after a good one it starts.
-    pub fn finish_phase(&mut self, agent: &str, phase: Phase, exit_code: i32, now: &str) -> Outcome {
+    pub fn finish_phase(
+        &mut self,
+        agent: &str,
+        phase: Phase,
+        exit_code: i32,
+        now: &str,
+    ) -> Outcome {
         if !self.owned_by(agent) {
             return Err(Refusal::NotYours);
         }
@@ -164,7 +170,13 @@ impl TaskRecord {
 
     /// The task ended on the agent. Phases still pending are skipped; one still running
     /// takes the task's end.
-    pub fn finish(&mut self, agent: &str, status: FinalStatus, exit_code: Option<i32>, now: &str) -> Outcome {
+    pub fn finish(
+        &mut self,
+        agent: &str,
+        status: FinalStatus,
+        exit_code: Option<i32>,
+        now: &str,
+    ) -> Outcome {
         if !self.owned_by(agent) {
             return Err(Refusal::NotYours);
         }
@@ -266,12 +278,21 @@ mod tests {
         assert_eq!(r.started_at.as_deref(), Some("t1"));
         assert_eq!(status(&r, "plan"), PhaseStatus::Running);
         assert_eq!(status(&r, "apply"), PhaseStatus::Pending);
-        assert_eq!(r.finish_phase("A-1", Phase::Plan, 0, "t2"), Ok(Change::Changed));
+        assert_eq!(
+            r.finish_phase("A-1", Phase::Plan, 0, "t2"),
+            Ok(Change::Changed)
+        );
         assert_eq!(status(&r, "plan"), PhaseStatus::Succeeded);
         assert_eq!(status(&r, "apply"), PhaseStatus::Running);
         assert_eq!(r.phases["apply"].started_at.as_deref(), Some("t2"));
-        assert_eq!(r.finish_phase("A-1", Phase::Apply, 0, "t3"), Ok(Change::Changed));
-        assert_eq!(r.finish("A-1", FinalStatus::Succeeded, Some(0), "t4"), Ok(Change::Changed));
+        assert_eq!(
+            r.finish_phase("A-1", Phase::Apply, 0, "t3"),
+            Ok(Change::Changed)
+        );
+        assert_eq!(
+            r.finish("A-1", FinalStatus::Succeeded, Some(0), "t4"),
+            Ok(Change::Changed)
+        );
         assert_eq!(r.status, TaskStatus::Succeeded);
         assert_eq!(r.finished_at.as_deref(), Some("t4"));
         assert_eq!(r.phases["apply"].finished_at.as_deref(), Some("t3"));
@@ -296,27 +317,49 @@ mod tests {
         r.accept("A-1", "t1").unwrap();
         assert_eq!(r.accept("A-1", "t9"), Ok(Change::Unchanged));
         r.finish_phase("A-1", Phase::Plan, 0, "t2").unwrap();
-        assert_eq!(r.finish_phase("A-1", Phase::Plan, 0, "t9"), Ok(Change::Unchanged));
-        r.finish("A-1", FinalStatus::Succeeded, Some(0), "t3").unwrap();
+        assert_eq!(
+            r.finish_phase("A-1", Phase::Plan, 0, "t9"),
+            Ok(Change::Unchanged)
+        );
+        r.finish("A-1", FinalStatus::Succeeded, Some(0), "t3")
+            .unwrap();
         let before = r.clone();
-        assert_eq!(r.finish("A-1", FinalStatus::Failed, Some(1), "t9"), Ok(Change::Unchanged));
-        assert_eq!(r.finish_phase("A-1", Phase::Apply, 1, "t9"), Ok(Change::Unchanged));
+        assert_eq!(
+            r.finish("A-1", FinalStatus::Failed, Some(1), "t9"),
+            Ok(Change::Unchanged)
+        );
+        assert_eq!(
+            r.finish_phase("A-1", Phase::Apply, 1, "t9"),
+            Ok(Change::Unchanged)
+        );
         assert_eq!(r, before);
     }
 
     #[test]
     fn other_agents_are_refused() {
         let mut r = apply_task();
-        assert_eq!(r.finish("A-2", FinalStatus::Succeeded, Some(0), "t"), Err(Refusal::NotYours));
+        assert_eq!(
+            r.finish("A-2", FinalStatus::Succeeded, Some(0), "t"),
+            Err(Refusal::NotYours)
+        );
         r.accept("A-1", "t1").unwrap();
         assert_eq!(r.accept("A-2", "t"), Err(Refusal::NotYours));
-        assert_eq!(r.finish_phase("A-2", Phase::Plan, 0, "t"), Err(Refusal::NotYours));
+        assert_eq!(
+            r.finish_phase("A-2", Phase::Plan, 0, "t"),
+            Err(Refusal::NotYours)
+        );
         assert_eq!(r.may_upload("A-2", Phase::Plan), Err(Refusal::NotYours));
         assert_eq!(r.may_upload("A-1", Phase::Apply), Ok(()));
         let mut p = TaskRecord::new("T-2".into(), Action::Plan, Labels::new(), "t0");
         p.accept("A-1", "t1").unwrap();
-        assert!(matches!(p.may_upload("A-1", Phase::Apply), Err(Refusal::Conflict(_))));
-        assert!(matches!(p.finish_phase("A-1", Phase::Apply, 0, "t"), Err(Refusal::Conflict(_))));
+        assert!(matches!(
+            p.may_upload("A-1", Phase::Apply),
+            Err(Refusal::Conflict(_))
+        ));
+        assert!(matches!(
+            p.finish_phase("A-1", Phase::Apply, 0, "t"),
+            Err(Refusal::Conflict(_))
+        ));
     }
 
     #[test]
@@ -331,7 +374,9 @@ mod tests {
         let mut running = apply_task();
         running.accept("A-1", "t1").unwrap();
         assert_eq!(running.cancel("t2"), Ok(Change::Unchanged));
-        running.finish("A-1", FinalStatus::Canceled, None, "t3").unwrap();
+        running
+            .finish("A-1", FinalStatus::Canceled, None, "t3")
+            .unwrap();
         assert_eq!(running.status, TaskStatus::Canceled);
         assert_eq!(status(&running, "plan"), PhaseStatus::Canceled);
         assert_eq!(status(&running, "apply"), PhaseStatus::Skipped);

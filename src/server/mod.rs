@@ -48,25 +48,67 @@ pub struct Config {
 
 /// Flags that take a value, with their environment variable and help.
 pub const FLAGS: &[(&str, &str, &str)] = &[
-    ("--listen", "IAC_LISTEN", "address to listen on (default 127.0.0.1:8080; port 0 picks a free port)"),
-    ("--data-dir", "IAC_DATA_DIR", "database and log archive (default ./iac-data)"),
-    ("--api-token", "IAC_API_TOKEN", "token of API clients (default: generated, saved in the data dir)"),
-    ("--registration-token", "IAC_REGISTRATION_TOKEN", "token agents register with (default: generated, saved in the data dir)"),
-    ("--tls-cert", "IAC_TLS_CERT", "PEM certificate chain for HTTPS/WSS (with --tls-key)"),
-    ("--tls-key", "IAC_TLS_KEY", "PEM private key for HTTPS/WSS (with --tls-cert)"),
-    ("--heartbeat-ms", "IAC_HEARTBEAT_MS", "agent heartbeat interval in ms (default 5000)"),
-    ("--max-request-bytes", "IAC_MAX_REQUEST_BYTES", "largest JSON request body (default 8 MiB)"),
-    ("--max-log-bytes", "IAC_MAX_LOG_BYTES", "largest log upload (default 1 GiB)"),
-    ("--log-level", "IAC_LOG", "error, warn, info, debug or trace (default info)"),
+    (
+        "--listen",
+        "IAC_LISTEN",
+        "address to listen on (default 127.0.0.1:8080; port 0 picks a free port)",
+    ),
+    (
+        "--data-dir",
+        "IAC_DATA_DIR",
+        "database and log archive (default ./iac-data)",
+    ),
+    (
+        "--api-token",
+        "IAC_API_TOKEN",
+        "token of API clients (default: generated, saved in the data dir)",
+    ),
+    (
+        "--registration-token",
+        "IAC_REGISTRATION_TOKEN",
+        "token agents register with (default: generated, saved in the data dir)",
+    ),
+    (
+        "--tls-cert",
+        "IAC_TLS_CERT",
+        "PEM certificate chain for HTTPS/WSS (with --tls-key)",
+    ),
+    (
+        "--tls-key",
+        "IAC_TLS_KEY",
+        "PEM private key for HTTPS/WSS (with --tls-cert)",
+    ),
+    (
+        "--heartbeat-ms",
+        "IAC_HEARTBEAT_MS",
+        "agent heartbeat interval in ms (default 5000)",
+    ),
+    (
+        "--max-request-bytes",
+        "IAC_MAX_REQUEST_BYTES",
+        "largest JSON request body (default 8 MiB)",
+    ),
+    (
+        "--max-log-bytes",
+        "IAC_MAX_LOG_BYTES",
+        "largest log upload (default 1 GiB)",
+    ),
+    (
+        "--log-level",
+        "IAC_LOG",
+        "error, warn, info, debug or trace (default info)",
+    ),
 ];
 
 impl Config {
     pub fn from_flags(flags: &Flags) -> Result<Config, String> {
         let get = |name: &str| flags.value(name, FLAGS);
         if get("--tls-cert").is_some() || get("--tls-key").is_some() {
-            return Err("TLS (--tls-cert/--tls-key) is not available in this build yet; \
+            return Err(
+                "TLS (--tls-cert/--tls-key) is not available in this build yet; \
                         serve plain HTTP behind a TLS-terminating proxy for now"
-                .into());
+                    .into(),
+            );
         }
         let nonempty = |name: &str| -> Result<Option<String>, String> {
             match get(name) {
@@ -79,8 +121,18 @@ impl Config {
             data_dir: PathBuf::from(get("--data-dir").unwrap_or_else(|| "./iac-data".into())),
             api_token: nonempty("--api-token")?,
             registration_token: nonempty("--registration-token")?,
-            heartbeat_interval: Duration::from_millis(flags.number("--heartbeat-ms", FLAGS, 5000, 100..=600_000)?),
-            max_request_bytes: flags.number("--max-request-bytes", FLAGS, 8 << 20, 1024..=(1 << 30))?,
+            heartbeat_interval: Duration::from_millis(flags.number(
+                "--heartbeat-ms",
+                FLAGS,
+                5000,
+                100..=600_000,
+            )?),
+            max_request_bytes: flags.number(
+                "--max-request-bytes",
+                FLAGS,
+                8 << 20,
+                1024..=(1 << 30),
+            )?,
             max_log_bytes: flags.number("--max-log-bytes", FLAGS, 1 << 30, 1024..=(1 << 40))?,
             limits: http::Limits::default(),
         })
@@ -138,8 +190,11 @@ const CONN_STACK: usize = 512 * 1024;
 pub fn run(config: Config) -> Result<(), Error> {
     let io_err = |what: String| move |e| Error::Io(what, e);
     let store = store::Store::open(&config.data_dir).map_err(|e| Error::Store(e.to_string()))?;
-    let api = auth::load_or_create(config.api_token.as_deref(), &config.data_dir.join("api-token"))
-        .map_err(io_err("api token".into()))?;
+    let api = auth::load_or_create(
+        config.api_token.as_deref(),
+        &config.data_dir.join("api-token"),
+    )
+    .map_err(io_err("api token".into()))?;
     let reg = auth::load_or_create(
         config.registration_token.as_deref(),
         &config.data_dir.join("registration-token"),

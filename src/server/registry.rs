@@ -82,7 +82,9 @@ impl Registry {
     }
 
     fn current(&mut self, agent_id: &str, conn_id: u64) -> Option<&mut Online> {
-        self.agents.get_mut(agent_id).filter(|o| o.conn_id == conn_id)
+        self.agents
+            .get_mut(agent_id)
+            .filter(|o| o.conn_id == conn_id)
     }
 
     /// A state report. Returns true when the agent may now have room it did not have.

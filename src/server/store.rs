@@ -216,34 +216,56 @@ impl Store {
     // ---- agents ----
 
     /// Registers an agent, or re-registers one of the same name (same id, new token).
-    pub fn register_agent(&self, req: &RegisterRequest, token_hash: &str, now: &str) -> Result<String> {
+    pub fn register_agent(
+        &self,
+        req: &RegisterRequest,
+        token_hash: &str,
+        now: &str,
+    ) -> Result<String> {
         let mut db = self.db();
         let tx = db.transaction()?;
         let existing: Option<String> = tx
-            .query_row("SELECT agent_id FROM agents WHERE name = ?1", [&req.name], |r| r.get(0))
+            .query_row(
+                "SELECT agent_id FROM agents WHERE name = ?1",
+                [&req.name],
+                |r| r.get(0),
+            )
             .optional()?;
         let labels = to_json(&req.labels);
-        let id = match existing {
-            Some(id) => {
-                tx.execute(
+        let id =
+            match existing {
+                Some(id) => {
+                    tx.execute(
                     "UPDATE agents SET hostname = ?2, version = ?3, plan_limit = ?4, labels = ?5,
                      token_hash = ?6, last_seen = ?7 WHERE agent_id = ?1",
                     params![id, req.hostname, req.version, req.plan_limit, labels, token_hash, now],
                 )?;
-                id
-            }
-            None => {
-                let tmp = format!("new-{token_hash}");
-                tx.execute(
-                    "INSERT INTO agents (agent_id, name, hostname, version, plan_limit, labels,
+                    id
+                }
+                None => {
+                    let tmp = format!("new-{token_hash}");
+                    tx.execute(
+                        "INSERT INTO agents (agent_id, name, hostname, version, plan_limit, labels,
                      token_hash, registered_at, last_seen) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?8)",
-                    params![tmp, req.name, req.hostname, req.version, req.plan_limit, labels, token_hash, now],
-                )?;
-                let id = format!("A-{:06}", tx.last_insert_rowid());
-                tx.execute("UPDATE agents SET agent_id = ?1 WHERE agent_id = ?2", params![id, tmp])?;
-                id
-            }
-        };
+                        params![
+                            tmp,
+                            req.name,
+                            req.hostname,
+                            req.version,
+                            req.plan_limit,
+                            labels,
+                            token_hash,
+                            now
+                        ],
+                    )?;
+                    let id = format!("A-{:06}", tx.last_insert_rowid());
+                    tx.execute(
+                        "UPDATE agents SET agent_id = ?1 WHERE agent_id = ?2",
+                        params![id, tmp],
+                    )?;
+                    id
+                }
+            };
         tx.commit()?;
         Ok(id)
     }
@@ -252,7 +274,9 @@ impl Store {
     pub fn agent_by_token(&self, token_hash: &str) -> Result<Option<AgentRow>> {
         let db = self.db();
         let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE token_hash = ?1");
-        db.query_row(&sql, [token_hash], agent_from_row).optional()?.transpose()
+        db.query_row(&sql, [token_hash], agent_from_row)
+            .optional()?
+            .transpose()
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRow>> {
@@ -264,8 +288,10 @@ impl Store {
     }
 
     pub fn set_last_seen(&self, agent_id: &str, now: &str) -> Result<()> {
-        self.db()
-            .execute("UPDATE agents SET last_seen = ?2 WHERE agent_id = ?1", params![agent_id, now])?;
+        self.db().execute(
+            "UPDATE agents SET last_seen = ?2 WHERE agent_id = ?1",
+            params![agent_id, now],
+        )?;
         Ok(())
     }
 
@@ -292,7 +318,10 @@ impl Store {
             ],
         )?;
         rec.id = format!("T-{:06}", tx.last_insert_rowid());
-        tx.execute("UPDATE tasks SET task_id = ?1 WHERE task_id = ?2", params![rec.id, tmp])?;
+        tx.execute(
+            "UPDATE tasks SET task_id = ?1 WHERE task_id = ?2",
+            params![rec.id, tmp],
+        )?;
         tx.commit()?;
         Ok(rec)
     }
@@ -384,12 +413,20 @@ impl Store {
 
     fn log_path(&self, task_id: &str, phase: Phase) -> PathBuf {
         // `task_id` passed `valid_task_id`: no separators, not `.` or `..`.
-        self.logs.join(task_id).join(format!("{}.log", phase.as_str()))
+        self.logs
+            .join(task_id)
+            .join(format!("{}.log", phase.as_str()))
     }
 
     /// Writes a phase's log from `body` (exactly `len` bytes), durably, then records its
     /// size. Replaces an earlier upload of the same phase.
-    pub fn save_log(&self, task_id: &str, phase: Phase, body: &mut dyn Read, len: u64) -> Result<u64> {
+    pub fn save_log(
+        &self,
+        task_id: &str,
+        phase: Phase,
+        body: &mut dyn Read,
+        len: u64,
+    ) -> Result<u64> {
         let path = self.log_path(task_id, phase);
         let dir = path.parent().unwrap_or(&self.logs).to_path_buf();
         fs::create_dir_all(&dir)?;
@@ -442,7 +479,9 @@ impl Store {
 
 fn load_task(db: &Connection, task_id: &str) -> Result<Option<TaskRecord>> {
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?1");
-    db.query_row(&sql, [task_id], task_from_row).optional()?.transpose()
+    db.query_row(&sql, [task_id], task_from_row)
+        .optional()?
+        .transpose()
 }
 
 fn save_task(tx: &Transaction<'_>, rec: &TaskRecord) -> Result<()> {
@@ -499,9 +538,17 @@ mod tests {
         let t = s.task(&id).unwrap().unwrap();
         assert_eq!(t.status, TaskStatus::Running);
         assert_eq!(t.agent_id.as_deref(), Some("A-1"));
-        assert_eq!(s.create_task(&new_task(Action::Plan), "t2").unwrap().id, "T-000002");
+        assert_eq!(
+            s.create_task(&new_task(Action::Plan), "t2").unwrap().id,
+            "T-000002"
+        );
         assert_eq!(s.queued().unwrap().len(), 1);
-        let newest_first: Vec<_> = s.tasks(None, 10).unwrap().into_iter().map(|t| t.id).collect();
+        let newest_first: Vec<_> = s
+            .tasks(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
         assert_eq!(newest_first, ["T-000002", "T-000001"]);
         assert_eq!(s.tasks(Some(TaskStatus::Running), 10).unwrap().len(), 1);
         fs::remove_dir_all(dir).unwrap();
@@ -513,12 +560,17 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         let t = s.create_task(&new_task(Action::Plan), "t0").unwrap();
         let (outcome, _) = s
-            .update_task(&t.id, |r| r.finish("A-1", crate::protocol::FinalStatus::Failed, None, "t"))
+            .update_task(&t.id, |r| {
+                r.finish("A-1", crate::protocol::FinalStatus::Failed, None, "t")
+            })
             .unwrap()
             .unwrap();
         assert!(outcome.is_err());
         assert_eq!(s.task(&t.id).unwrap().unwrap().status, TaskStatus::Queued);
-        assert!(s.update_task("T-999999", |_| Ok(Change::Changed)).unwrap().is_none());
+        assert!(s
+            .update_task("T-999999", |_| Ok(Change::Changed))
+            .unwrap()
+            .is_none());
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -549,14 +601,22 @@ mod tests {
         let err = s.save_log(&t.id, Phase::Plan, &mut &b"short"[..], 100);
         assert!(err.is_err());
         assert!(s.open_log(&t.id, Phase::Plan).unwrap().is_none());
-        assert_eq!(fs::read_dir(dir.join("logs").join(&t.id)).unwrap().count(), 0);
-        s.save_log(&t.id, Phase::Plan, &mut &b"first"[..], 5).unwrap();
-        s.save_log(&t.id, Phase::Plan, &mut &b"second!"[..], 7).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.join("logs").join(&t.id)).unwrap().count(),
+            0
+        );
+        s.save_log(&t.id, Phase::Plan, &mut &b"first"[..], 5)
+            .unwrap();
+        s.save_log(&t.id, Phase::Plan, &mut &b"second!"[..], 7)
+            .unwrap();
         let (mut f, len) = s.open_log(&t.id, Phase::Plan).unwrap().unwrap();
         let mut text = String::new();
         f.read_to_string(&mut text).unwrap();
         assert_eq!((text.as_str(), len), ("second!", 7));
-        assert_eq!(s.task(&t.id).unwrap().unwrap().phases["plan"].log_bytes, Some(7));
+        assert_eq!(
+            s.task(&t.id).unwrap().unwrap().phases["plan"].log_bytes,
+            Some(7)
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,0 +1,327 @@
+//! Bad requests get a 4xx with a JSON error a person can act on; none gets a 5xx or
+//! takes the server down.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+/// Sends raw bytes on a new connection; returns the status code and the body.
+fn raw_exchange(port: u16, bytes: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn assert_json_error(status: u16, body: &str, want: u16, what: &str) {
+    assert_eq!(status, want, "{what}: {body}");
+    let v: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error field: {body}"));
+    assert!(!msg.is_empty(), "{what}");
+}
+
+/// Method, path, token, body, expected status.
+type Case = (
+    &'static str,
+    String,
+    Option<&'static str>,
+    Option<String>,
+    u16,
+);
+
+#[test]
+fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
+    let dir = TempDir::new("errors");
+    let server = Server::start(
+        &dir.path().join("data"),
+        0,
+        &["--max-request-bytes", "4096"],
+    );
+    let c = server.client();
+    let known = c.create_task(&json!({"action": "plan", "tf_json": {}, "labels": {"nobody": "x"}}));
+    let big = format!(
+        r#"{{"action": "plan", "tf_json": {{"x": "{}"}}}}"#,
+        "a".repeat(5000)
+    );
+    let cases: Vec<Case> = vec![
+        // (method, path, token, body, expected status)
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some("{not json".into()),
+            400,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some(r#"{"action": 1, "tf_json": {}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some(r#"{"action": "destroy", "tf_json": {}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some(r#"{"action": "plan"}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some(r#"{"action": "plan", "tf_json": [1]}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some(r#"{"action": "plan", "tf_json": "{oops"}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some(API_TOKEN),
+            Some(r#"{"action": "plan", "tf_json": {}, "labels": {"a": 1}}"#.into()),
+            400,
+        ),
+        ("POST", "/api/tasks".into(), Some(API_TOKEN), Some(big), 413),
+        (
+            "POST",
+            "/api/tasks".into(),
+            None,
+            Some(r#"{"action": "plan", "tf_json": {}}"#.into()),
+            401,
+        ),
+        (
+            "POST",
+            "/api/tasks".into(),
+            Some("wrong"),
+            Some(r#"{"action": "plan", "tf_json": {}}"#.into()),
+            401,
+        ),
+        ("GET", "/api/tasks".into(), None, None, 401),
+        (
+            "GET",
+            "/api/tasks?status=done".into(),
+            Some(API_TOKEN),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/api/tasks?limit=0".into(),
+            Some(API_TOKEN),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/api/tasks/T-999999".into(),
+            Some(API_TOKEN),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/api/tasks/..%2F..%2Fetc".into(),
+            Some(API_TOKEN),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            format!("/api/tasks/{known}/logs/plan"),
+            Some(API_TOKEN),
+            None,
+            404,
+        ),
+        (
+            "GET",
+            format!("/api/tasks/{known}/logs/nope"),
+            Some(API_TOKEN),
+            None,
+            400,
+        ),
+        (
+            "GET",
+            "/api/tasks/T-999999/logs/plan".into(),
+            Some(API_TOKEN),
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/api/tasks/T-999999/cancel".into(),
+            Some(API_TOKEN),
+            None,
+            404,
+        ),
+        ("GET", "/api/agents".into(), Some("wrong"), None, 401),
+        ("DELETE", "/api/tasks".into(), Some(API_TOKEN), None, 405),
+        ("GET", "/api/nothing".into(), Some(API_TOKEN), None, 404),
+        (
+            "POST",
+            "/agents/register".into(),
+            None,
+            Some(r#"{"name": "a", "plan_limit": 1}"#.into()),
+            401,
+        ),
+        (
+            "POST",
+            "/agents/register".into(),
+            Some(API_TOKEN),
+            Some(r#"{"name": "a", "plan_limit": 1}"#.into()),
+            401,
+        ),
+        (
+            "POST",
+            "/agents/register".into(),
+            Some(REG_TOKEN),
+            Some(r#"{"name": "a/b", "plan_limit": 1}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/agents/register".into(),
+            Some(REG_TOKEN),
+            Some(r#"{"name": "a", "plan_limit": 0}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/agents/register".into(),
+            Some(REG_TOKEN),
+            Some(r#"{"name": "a", "plan_limit": "x"}"#.into()),
+            400,
+        ),
+        // Agent endpoints do not take the API token.
+        (
+            "POST",
+            format!("/api/tasks/{known}/logs/upload?phase=plan"),
+            Some(API_TOKEN),
+            Some("log".into()),
+            401,
+        ),
+        ("GET", "/agent/control".into(), Some(API_TOKEN), None, 401),
+    ];
+    for (method, path, token, body, want) in cases {
+        let (status, text) = c.raw(method, &path, token, body.as_deref());
+        assert_json_error(status, &text, want, &format!("{method} {path}"));
+    }
+
+    // An agent may upload only for its own tasks, and only real phases.
+    let (status, reg) = c.raw(
+        "POST",
+        "/agents/register",
+        Some(REG_TOKEN),
+        Some(r#"{"name": "stranger", "plan_limit": 1}"#),
+    );
+    assert_eq!(status, 200, "{reg}");
+    let reg: Value = serde_json::from_str(&reg).unwrap();
+    let agent_token = reg["agent_token"].as_str().unwrap();
+    let (s, b) = c.raw(
+        "POST",
+        &format!("/api/tasks/{known}/logs/upload?phase=plan"),
+        Some(agent_token),
+        Some("log"),
+    );
+    assert_json_error(s, &b, 403, "upload for another agent's task");
+    let (s, b) = c.raw(
+        "POST",
+        &format!("/api/tasks/{known}/logs/upload"),
+        Some(agent_token),
+        Some("log"),
+    );
+    assert_json_error(s, &b, 400, "upload without a phase");
+    let (s, b) = c.raw(
+        "POST",
+        "/api/tasks/T-999999/logs/upload?phase=plan",
+        Some(agent_token),
+        Some("log"),
+    );
+    assert_json_error(s, &b, 404, "upload for an unknown task");
+    // A plain GET on the WS 1 endpoint, with a good agent token, is told to upgrade.
+    let (s, b) = c.raw("GET", "/agent/control", Some(agent_token), None);
+    assert_json_error(s, &b, 426, "WS 1 without an upgrade");
+
+    // Requests no HTTP library would send.
+    let port = server.port;
+    let (s, b) = raw_exchange(port, b"GARBAGE\x01\x02\r\n\r\n");
+    assert_json_error(s, &b, 400, "garbage");
+    let (s, b) = raw_exchange(
+        port,
+        b"POST /api/tasks HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+    );
+    assert_json_error(s, &b, 400, "Content-Length and Transfer-Encoding");
+    let (s, b) = raw_exchange(
+        port,
+        b"POST /api/tasks HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert_json_error(s, &b, 411, "chunked");
+    let huge = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
+    let (s, b) = raw_exchange(port, huge.as_bytes());
+    assert_json_error(s, &b, 431, "oversized head");
+    // A client that vanishes mid-body does not hurt the server.
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"POST /api/tasks HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+            .unwrap();
+    }
+
+    // Still serving, every thread alive.
+    assert_eq!(
+        c.raw("GET", "/healthz", None, None),
+        (200, "ok".to_string())
+    );
+    let id = c.create_task(&json!({"action": "plan", "tf_json": {}, "labels": {"nobody": "x"}}));
+    assert_eq!(c.task(&id)["status"], "queued");
+    assert!(
+        !server.proc.output().contains("panicked"),
+        "{}",
+        server.proc.output()
+    );
+}
+
+#[test]
+fn openapi_and_health_need_no_token() {
+    let dir = TempDir::new("open");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let c = server.client();
+    let (status, doc) = c.raw("GET", "/api/openapi.json", None, None);
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/api/tasks"]["post"].is_object());
+    let (status, page) = c.raw("GET", "/", None, None);
+    assert_eq!(status, 200);
+    assert!(page.contains("<html"), "{page}");
+}

