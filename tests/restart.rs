@@ -104,3 +104,52 @@ fn generated_tokens_are_printed_once_and_kept_0600() {
     let client = Client::new(url.trim(), token.trim());
     assert_eq!(client.call("GET", "/api/tasks", None).0, 200);
 }
+
+#[test]
+fn an_agent_started_before_its_server_registers_once_the_server_is_up() {
+    let dir = TempDir::new("early-agent");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let agent = Agent::start(&url, "agent-early", &dir.path().join("work"), &[]);
+    agent
+        .proc
+        .wait_line("registration failed", Duration::from_secs(30));
+    let server = Server::start(&dir.path().join("data"), port, &[]);
+    let client = server.client();
+    client.wait_online("agent-early", Duration::from_secs(60));
+    let id = client.create_task(
+        &json!({"action": "plan", "tf_json": hello_config(), "variables": {"name": "late"}}),
+    );
+    assert_eq!(
+        client.wait_done(&id, Duration::from_secs(120))["status"],
+        "succeeded"
+    );
+}
+
+#[test]
+fn a_wrong_registration_token_stops_the_agent_with_a_clear_message() {
+    let dir = TempDir::new("bad-reg");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_iac-agent"));
+    cmd.args([
+        "--server",
+        &server.url,
+        "--registration-token",
+        "wrong",
+        "--name",
+        "x",
+    ])
+    .args(["--work-dir", dir.path().join("work").to_str().unwrap()]);
+    let mut agent = support::Proc::spawn_cmd(cmd);
+    let status = wait_for("the agent to exit", Duration::from_secs(30), || {
+        agent.child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        agent
+            .output()
+            .contains("the server refused the registration (401)"),
+        "{}",
+        agent.output()
+    );
+}
