@@ -179,6 +179,43 @@ fn a_queued_task_can_be_canceled() {
     assert_eq!(list["tasks"][0]["task_id"], id.as_str());
 }
 
+#[test]
+fn a_running_task_is_canceled_on_its_agent() {
+    let dir = TempDir::new("cancel-running");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let client = server.client();
+    let events = dir.path().join("events");
+    let slow =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slow-terraform");
+    let _agent = Agent::start_with(
+        &server.url,
+        "agent-cancel",
+        &dir.path().join("work"),
+        &slow,
+        &[],
+        &[
+            ("FAKE_TF_EVENTS", events.to_str().unwrap()),
+            ("FAKE_TF_SECONDS", "600"),
+        ],
+    );
+    let id = client.create_task(&json!({"action": "apply", "tf_json": {}}));
+    wait_for("terraform to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&events)
+            .ok()
+            .filter(|t| t.contains("start"))
+            .map(|_| ())
+    });
+    let (status, task) = client.call("POST", &format!("/api/tasks/{id}/cancel"), None);
+    assert_eq!(status, 202, "{task}");
+    let task = client.wait_done(&id, Duration::from_secs(60));
+    assert_eq!(task["status"], "canceled", "{task}");
+    assert_eq!(task["phases"]["plan"]["status"], "canceled", "{task}");
+    assert_eq!(task["phases"]["apply"]["status"], "skipped", "{task}");
+    let (status, log) = client.log(&id, "plan");
+    assert_eq!(status, 200, "the interrupted phase's log is archived");
+    assert!(log.contains("$ terraform init"), "{log}");
+}
+
 /// With `--plan-limit 2`, 5 plans and 1 apply: at most 2 plans at once, the apply alone.
 #[test]
 fn the_concurrency_rules_hold() {

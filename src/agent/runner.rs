@@ -228,6 +228,11 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
         if let Err(e) = uploader::upload(ctx, &id, phase, &path) {
             log::error!("{id}: the {} log was not archived: {e}", phase.as_str());
         }
+        if cancel.is_canceled() {
+            // No `phase_finished`: `task_finished(canceled)` marks the interrupted phase
+            // `canceled` rather than `failed`.
+            break;
+        }
         ctx.report(&AgentMsg::PhaseFinished {
             task_id: id.clone(),
             phase,
