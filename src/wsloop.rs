@@ -117,7 +117,11 @@ impl Inbox {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Flow {
     Continue,
+    /// Close with a handshake: wait (a few seconds at most) for the peer's close.
     Close(u16, String),
+    /// The peer is gone or broken: send a close frame if the socket takes it, and end
+    /// now, without waiting for an answer.
+    Abort(u16, String),
 }
 
 /// The protocol side of a connection: decisions only, no I/O.
@@ -181,8 +185,9 @@ pub fn run<S: Transport>(
         if now >= next_tick {
             next_tick = now + tick;
             if closing.is_none() && !peer_closed {
-                if let Flow::Close(code, reason) = peer.on_tick(&mut out) {
-                    start_close(ws, &mut closing, code, reason)?;
+                let flow = peer.on_tick(&mut out);
+                if let Some(end) = follow(ws, &mut closing, flow)? {
+                    return Ok(end);
                 }
             }
         }
@@ -199,9 +204,10 @@ pub fn run<S: Transport>(
             match inbox.rx.try_recv() {
                 Ok(Outgoing::Text(t)) => out.push(t),
                 Ok(Outgoing::Nudge) => {
-                    if let Flow::Close(code, reason) = peer.on_nudge(&mut out) {
-                        if closing.is_none() && !peer_closed {
-                            start_close(ws, &mut closing, code, reason)?;
+                    let flow = peer.on_nudge(&mut out);
+                    if closing.is_none() && !peer_closed {
+                        if let Some(end) = follow(ws, &mut closing, flow)? {
+                            return Ok(end);
                         }
                     }
                 }
@@ -262,6 +268,23 @@ pub fn run<S: Transport>(
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(WsError::Io(e.into())),
+        }
+    }
+}
+
+/// Acts on a handler's [`Flow`]; `Some` when the loop must end now.
+fn follow<S: Transport>(
+    ws: &mut WebSocket<S>,
+    closing: &mut Option<(String, Instant)>,
+    flow: Flow,
+) -> Result<Option<End>, WsError> {
+    match flow {
+        Flow::Continue => Ok(None),
+        Flow::Close(code, reason) => start_close(ws, closing, code, reason).map(|()| None),
+        Flow::Abort(code, reason) => {
+            start_close(ws, closing, code, reason.clone())?;
+            let _ = ws.flush();
+            Ok(Some(End::WeClosed(reason)))
         }
     }
 }

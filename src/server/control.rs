@@ -217,7 +217,7 @@ impl Peer for AgentPeer {
     fn on_tick(&mut self, _out: &mut Vec<String>) -> Flow {
         let silent = self.last_rx.elapsed();
         if silent > self.silence_limit {
-            return Flow::Close(
+            return Flow::Abort(
                 CLOSE_SILENT,
                 format!("no heartbeat for {} s", silent.as_secs()),
             );
