@@ -97,6 +97,51 @@ impl Flags {
     }
 }
 
+/// Why a binary stops: bad usage (exit code 2) or a failure at run time (exit code 1).
+#[derive(Debug)]
+pub enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+/// The `main` of every binary, so that each stays a thin mapping of `run()` to an exit
+/// code: parses flags, answers `--help` and `--version`, starts logging, calls `run`.
+pub fn main(
+    name: &str,
+    synopsis: &str,
+    about: &str,
+    table: &[FlagSpec],
+    run: impl FnOnce(&Flags) -> Result<(), Failure>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let result = Flags::parse(std::env::args().skip(1), table, &["--help", "--version"])
+        .map_err(Failure::Usage)
+        .and_then(|flags| {
+            if flags.has("--help") {
+                print!("{}", usage(synopsis, about, table));
+                return Ok(());
+            }
+            if flags.has("--version") {
+                println!("{name} {}", crate::VERSION);
+                return Ok(());
+            }
+            crate::init_logging(flags.value("--log-level", table).as_deref())
+                .map_err(Failure::Usage)?;
+            run(&flags)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The `--help` text of a binary.
 pub fn usage(synopsis: &str, about: &str, table: &[FlagSpec]) -> String {
     let mut s = format!("{about}\n\nUsage: {synopsis}\n\nFlags (each also read from the environment variable shown):\n");

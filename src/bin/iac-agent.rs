@@ -1,50 +1,18 @@
-//! `iac-agent`: parses flags into a checked config, starts logging, runs the agent, and
-//! maps the result to an exit code (1 when the server refused it, 2 bad usage).
-
-use std::process::ExitCode;
+//! `iac-agent`: flags → a checked `Config` → `agent::run()` → an exit code
+//! (1 when the server refused the agent or it could not start, 2 bad usage).
 
 use iac::agent::{self, Config, FLAGS};
-use iac::cli::{usage, Flags};
+use iac::cli::{self, Failure};
 
-fn main() -> ExitCode {
-    let flags = match Flags::parse(std::env::args().skip(1), FLAGS, &["--help", "--version"]) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("iac-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if flags.has("--help") {
-        print!(
-            "{}",
-            usage(
-                "iac-agent --server URL --registration-token TOKEN [FLAGS]",
-                "The IAC agent: dials out to the server and runs Terraform tasks.",
-                FLAGS
-            )
-        );
-        return ExitCode::SUCCESS;
-    }
-    if flags.has("--version") {
-        println!("iac-agent {}", iac::VERSION);
-        return ExitCode::SUCCESS;
-    }
-    if let Err(e) = iac::init_logging(flags.value("--log-level", FLAGS).as_deref()) {
-        eprintln!("iac-agent: {e}");
-        return ExitCode::from(2);
-    }
-    let config = match Config::from_flags(&flags) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("iac-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match agent::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("iac-agent: {e}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    cli::main(
+        "iac-agent",
+        "iac-agent --server URL --registration-token TOKEN [FLAGS]",
+        "The IAC agent: dials out to the server and runs Terraform tasks.",
+        FLAGS,
+        |flags| {
+            let config = Config::from_flags(flags).map_err(Failure::Usage)?;
+            agent::run(config).map_err(|e| Failure::Runtime(e.to_string()))
+        },
+    )
 }

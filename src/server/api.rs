@@ -350,9 +350,9 @@ fn create_task(shared: &Shared, req: &mut Req<'_>) -> Handled {
         .store
         .create_task(&task, &now_rfc3339())
         .map_err(internal)?;
-    log::info!("task {} queued ({})", rec.id, rec.action.as_str());
+    log::info!("task {} queued ({})", rec.task_id, rec.action.as_str());
     shared.kick();
-    Ok(Reply::Answer(Response::json(201, &rec.view())))
+    Ok(Reply::Answer(Response::json(201, &rec)))
 }
 
 fn list_tasks(shared: &Shared, head: &Head) -> Handled {
@@ -375,12 +375,7 @@ fn list_tasks(shared: &Shared, head: &Head) -> Handled {
             .ok_or_else(|| Response::error(400, "limit must be a number from 1 to 1000"))?,
     };
     let tasks = shared.store.tasks(status, limit).map_err(internal)?;
-    Ok(Reply::Answer(Response::json(
-        200,
-        &TaskList {
-            tasks: tasks.iter().map(|t| t.view()).collect(),
-        },
-    )))
+    Ok(Reply::Answer(Response::json(200, &TaskList { tasks })))
 }
 
 fn no_task(id: &str) -> Response {
@@ -394,7 +389,7 @@ fn get_task(shared: &Shared, head: &Head, id: &str) -> Handled {
         .task(id)
         .map_err(internal)?
         .ok_or_else(|| no_task(id))?;
-    Ok(Reply::Answer(Response::json(200, &rec.view())))
+    Ok(Reply::Answer(Response::json(200, &rec)))
 }
 
 fn parse_phase(s: &str) -> Result<Phase, Response> {
@@ -442,7 +437,7 @@ fn cancel_task(shared: &Shared, head: &Head, id: &str) -> Handled {
     match outcome {
         Ok(Change::Changed) => {
             log::info!("task {id} canceled while queued");
-            Ok(Reply::Answer(Response::json(200, &rec.view())))
+            Ok(Reply::Answer(Response::json(200, &rec)))
         }
         Ok(Change::Unchanged) => {
             // Running: the agent stops it and reports `canceled`.
@@ -462,7 +457,7 @@ fn cancel_task(shared: &Shared, head: &Head, id: &str) -> Handled {
                 ));
             }
             log::info!("cancel of running task {id} sent to {agent}");
-            Ok(Reply::Answer(Response::json(202, &rec.view())))
+            Ok(Reply::Answer(Response::json(202, &rec)))
         }
         Err(Refusal::Conflict(msg)) => Err(Response::error(409, msg)),
         Err(_) => Err(Response::error(

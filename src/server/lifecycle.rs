@@ -11,20 +11,9 @@ use crate::protocol::{
     Action, FinalStatus, Labels, Phase, PhaseStatus, PhaseView, TaskStatus, TaskView,
 };
 
-/// A task as the store keeps it (without its configuration and variables).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct TaskRecord {
-    pub id: String,
-    pub action: Action,
-    pub status: TaskStatus,
-    pub agent_id: Option<String>,
-    pub labels: Labels,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub exit_code: Option<i32>,
-    pub phases: BTreeMap<String, PhaseView>,
-}
+/// A task as the store keeps it is exactly what the API shows (its configuration and
+/// variables are kept apart, in the store only).
+pub(crate) type TaskRecord = TaskView;
 
 /// Whether a transition changed the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,14 +47,14 @@ fn pending() -> PhaseView {
 
 impl TaskRecord {
     /// A new queued task: a `plan` has one phase, an `apply` two.
-    pub fn new(id: String, action: Action, labels: Labels, now: &str) -> TaskRecord {
+    pub(crate) fn new(id: String, action: Action, labels: Labels, now: &str) -> TaskRecord {
         let mut phases = BTreeMap::new();
         phases.insert("plan".to_string(), pending());
         if action == Action::Apply {
             phases.insert("apply".to_string(), pending());
         }
         TaskRecord {
-            id,
+            task_id: id,
             action,
             status: TaskStatus::Queued,
             agent_id: None,
@@ -78,21 +67,6 @@ impl TaskRecord {
         }
     }
 
-    pub fn view(&self) -> TaskView {
-        TaskView {
-            task_id: self.id.clone(),
-            action: self.action,
-            status: self.status,
-            agent_id: self.agent_id.clone(),
-            labels: self.labels.clone(),
-            created_at: self.created_at.clone(),
-            started_at: self.started_at.clone(),
-            finished_at: self.finished_at.clone(),
-            exit_code: self.exit_code,
-            phases: self.phases.clone(),
-        }
-    }
-
     fn phase_mut(&mut self, phase: Phase) -> Option<&mut PhaseView> {
         self.phases.get_mut(phase.as_str())
     }
@@ -102,7 +76,7 @@ impl TaskRecord {
     }
 
     /// The agent accepted the task: queued → running, the plan phase starts.
-    pub fn accept(&mut self, agent: &str, now: &str) -> Outcome {
+    pub(crate) fn accept(&mut self, agent: &str, now: &str) -> Outcome {
         match self.status {
             TaskStatus::Queued => {
                 self.status = TaskStatus::Running;
@@ -122,7 +96,7 @@ impl TaskRecord {
 
     /// A phase ended with `exit_code`. After a failed plan, an apply phase is skipped;
     /// after a good one it starts.
-    pub fn finish_phase(
+    pub(crate) fn finish_phase(
         &mut self,
         agent: &str,
         phase: Phase,
@@ -170,7 +144,7 @@ impl TaskRecord {
 
     /// The task ended on the agent. Phases still pending are skipped; one still running
     /// takes the task's end.
-    pub fn finish(
+    pub(crate) fn finish(
         &mut self,
         agent: &str,
         status: FinalStatus,
@@ -211,7 +185,7 @@ impl TaskRecord {
 
     /// A client asked to cancel. A queued task ends here; a running one needs its agent
     /// (`Ok(Unchanged)`: send `cancel_task`, the agent reports `canceled`).
-    pub fn cancel(&mut self, now: &str) -> Outcome {
+    pub(crate) fn cancel(&mut self, now: &str) -> Outcome {
         match self.status {
             TaskStatus::Queued => {
                 self.status = TaskStatus::Canceled;
@@ -224,13 +198,13 @@ impl TaskRecord {
             TaskStatus::Running => Ok(Change::Unchanged),
             s => Err(Refusal::Conflict(format!(
                 "task {} has already ended ({s})",
-                self.id
+                self.task_id
             ))),
         }
     }
 
     /// Whether `agent` may upload the log of `phase`.
-    pub fn may_upload(&self, agent: &str, phase: Phase) -> Result<(), Refusal> {
+    pub(crate) fn may_upload(&self, agent: &str, phase: Phase) -> Result<(), Refusal> {
         if !self.owned_by(agent) {
             return Err(Refusal::NotYours);
         }
@@ -244,7 +218,7 @@ impl TaskRecord {
         Ok(())
     }
 
-    pub fn set_log_bytes(&mut self, phase: Phase, bytes: u64) {
+    pub(crate) fn set_log_bytes(&mut self, phase: Phase, bytes: u64) {
         if let Some(p) = self.phase_mut(phase) {
             p.log_bytes = Some(bytes);
         }

@@ -157,7 +157,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord>
                 .ok_or_else(|| StoreError::Corrupt(format!("task status {status:?}")))?,
             labels: serde_json::from_str(&labels).map_err(corrupt("task labels"))?,
             phases: serde_json::from_str(&phases).map_err(corrupt("task phases"))?,
-            id,
+            task_id: id,
             agent_id,
             created_at,
             started_at,
@@ -317,10 +317,10 @@ impl Store {
                 to_json(&rec.phases)
             ],
         )?;
-        rec.id = format!("T-{:06}", tx.last_insert_rowid());
+        rec.task_id = format!("T-{:06}", tx.last_insert_rowid());
         tx.execute(
             "UPDATE tasks SET task_id = ?1 WHERE task_id = ?2",
-            params![rec.id, tmp],
+            params![rec.task_id, tmp],
         )?;
         tx.commit()?;
         Ok(rec)
@@ -489,7 +489,7 @@ fn save_task(tx: &Transaction<'_>, rec: &TaskRecord) -> Result<()> {
         "UPDATE tasks SET status = ?2, agent_id = ?3, started_at = ?4, finished_at = ?5,
          exit_code = ?6, phases = ?7 WHERE task_id = ?1",
         params![
-            rec.id,
+            rec.task_id,
             rec.status.as_str(),
             rec.agent_id,
             rec.started_at,
@@ -530,16 +530,19 @@ mod tests {
         let id = {
             let s = Store::open(&dir).unwrap();
             let t = s.create_task(&new_task(Action::Apply), "t0").unwrap();
-            assert_eq!(t.id, "T-000001");
-            s.update_task(&t.id, |r| r.accept("A-1", "t1")).unwrap();
-            t.id
+            assert_eq!(t.task_id, "T-000001");
+            s.update_task(&t.task_id, |r| r.accept("A-1", "t1"))
+                .unwrap();
+            t.task_id
         };
         let s = Store::open(&dir).unwrap();
         let t = s.task(&id).unwrap().unwrap();
         assert_eq!(t.status, TaskStatus::Running);
         assert_eq!(t.agent_id.as_deref(), Some("A-1"));
         assert_eq!(
-            s.create_task(&new_task(Action::Plan), "t2").unwrap().id,
+            s.create_task(&new_task(Action::Plan), "t2")
+                .unwrap()
+                .task_id,
             "T-000002"
         );
         assert_eq!(s.queued().unwrap().len(), 1);
@@ -547,7 +550,7 @@ mod tests {
             .tasks(None, 10)
             .unwrap()
             .into_iter()
-            .map(|t| t.id)
+            .map(|t| t.task_id)
             .collect();
         assert_eq!(newest_first, ["T-000002", "T-000001"]);
         assert_eq!(s.tasks(Some(TaskStatus::Running), 10).unwrap().len(), 1);
@@ -560,13 +563,16 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         let t = s.create_task(&new_task(Action::Plan), "t0").unwrap();
         let (outcome, _) = s
-            .update_task(&t.id, |r| {
+            .update_task(&t.task_id, |r| {
                 r.finish("A-1", crate::protocol::FinalStatus::Failed, None, "t")
             })
             .unwrap()
             .unwrap();
         assert!(outcome.is_err());
-        assert_eq!(s.task(&t.id).unwrap().unwrap().status, TaskStatus::Queued);
+        assert_eq!(
+            s.task(&t.task_id).unwrap().unwrap().status,
+            TaskStatus::Queued
+        );
         assert!(s
             .update_task("T-999999", |_| Ok(Change::Changed))
             .unwrap()
@@ -598,23 +604,25 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         let t = s.create_task(&new_task(Action::Plan), "t0").unwrap();
         // A body shorter than announced leaves nothing behind.
-        let err = s.save_log(&t.id, Phase::Plan, &mut &b"short"[..], 100);
+        let err = s.save_log(&t.task_id, Phase::Plan, &mut &b"short"[..], 100);
         assert!(err.is_err());
-        assert!(s.open_log(&t.id, Phase::Plan).unwrap().is_none());
+        assert!(s.open_log(&t.task_id, Phase::Plan).unwrap().is_none());
         assert_eq!(
-            fs::read_dir(dir.join("logs").join(&t.id)).unwrap().count(),
+            fs::read_dir(dir.join("logs").join(&t.task_id))
+                .unwrap()
+                .count(),
             0
         );
-        s.save_log(&t.id, Phase::Plan, &mut &b"first"[..], 5)
+        s.save_log(&t.task_id, Phase::Plan, &mut &b"first"[..], 5)
             .unwrap();
-        s.save_log(&t.id, Phase::Plan, &mut &b"second!"[..], 7)
+        s.save_log(&t.task_id, Phase::Plan, &mut &b"second!"[..], 7)
             .unwrap();
-        let (mut f, len) = s.open_log(&t.id, Phase::Plan).unwrap().unwrap();
+        let (mut f, len) = s.open_log(&t.task_id, Phase::Plan).unwrap().unwrap();
         let mut text = String::new();
         f.read_to_string(&mut text).unwrap();
         assert_eq!((text.as_str(), len), ("second!", 7));
         assert_eq!(
-            s.task(&t.id).unwrap().unwrap().phases["plan"].log_bytes,
+            s.task(&t.task_id).unwrap().unwrap().phases["plan"].log_bytes,
             Some(7)
         );
         fs::remove_dir_all(dir).unwrap();
