@@ -113,7 +113,6 @@ pub fn main(
     table: &[FlagSpec],
     run: impl FnOnce(&Flags) -> Result<(), Failure>,
 ) -> std::process::ExitCode {
-    use std::process::ExitCode;
     let result = Flags::parse(std::env::args().skip(1), table, &["--help", "--version"])
         .map_err(Failure::Usage)
         .and_then(|flags| {
@@ -129,6 +128,12 @@ pub fn main(
                 .map_err(Failure::Usage)?;
             run(&flags)
         });
+    exit_code(name, result)
+}
+
+/// Reports a failure on stderr and maps it to the exit code: 0, 1 (runtime), 2 (usage).
+pub fn exit_code(name: &str, result: Result<(), Failure>) -> std::process::ExitCode {
+    use std::process::ExitCode;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {

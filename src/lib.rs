@@ -1,12 +1,13 @@
 //! IAC: a Terraform execution platform for networks that only allow outbound
 //! connections. `iac-server` is the control plane ([`server`]); `iac-agent` dials out to
 //! it, holds one WebSocket for command and control, and runs Terraform ([`agent`]).
-//! [`protocol`] is the wire contract both share.
+//! [`client`] is the `iac` terminal client. [`protocol`] is the wire contract all share.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod protocol;
 pub mod server;
 pub mod util;

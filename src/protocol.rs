@@ -286,6 +286,75 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// The `error` of a JSON error body, or (for anything else) the start of the body.
+pub fn error_message(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| body.chars().take(200).collect())
+}
+
+/// The line a live viewer sees between the plan phase's lines and the apply phase's.
+pub const APPLY_MARKER: &str = "--- apply ---";
+
+/// The reason of the agent's normal close of WS 3 once the task's log is complete.
+pub const END_OF_TASK: &str = "end of task";
+
+/// The longest line sent on WS 2/WS 3: a longer one is cut into pieces of this size.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Cuts a log into the lines of WS 2/WS 3: split at `\n` (which is not part of the line),
+/// pieces of at most [`MAX_LINE`] bytes, invalid UTF-8 replaced. Fed incrementally by the
+/// agent's streamer and at once for an archived log, so both give the same lines.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Feeds bytes; returns the lines they complete.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        while !bytes.is_empty() {
+            let room = MAX_LINE - self.partial.len();
+            let take = bytes.len().min(room);
+            match bytes[..take].iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    self.partial.extend_from_slice(&bytes[..i]);
+                    lines.push(self.take());
+                    bytes = &bytes[i + 1..];
+                }
+                None => {
+                    self.partial.extend_from_slice(&bytes[..take]);
+                    bytes = &bytes[take..];
+                    if self.partial.len() == MAX_LINE {
+                        lines.push(self.take());
+                    }
+                }
+            }
+        }
+        lines
+    }
+
+    /// The last line, if the log did not end with a newline.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> String {
+        let line = String::from_utf8_lossy(&self.partial).into_owned();
+        self.partial.clear();
+        line
+    }
+}
+
+/// All the lines of a complete log.
+pub fn log_lines(bytes: &[u8]) -> Vec<String> {
+    let mut s = LineSplitter::default();
+    let mut lines = s.push(bytes);
+    lines.extend(s.finish());
+    lines
+}
+
 /// Task ids match `^[A-Za-z0-9._-]{1,64}$`, and `.`/`..` are refused too, so that an id
 /// can name a directory or file without any path traversal.
 pub fn valid_task_id(id: &str) -> bool {
@@ -335,7 +404,7 @@ macro_rules! str_enum {
         }
         impl fmt::Display for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
     };
@@ -478,6 +547,30 @@ mod tests {
         assert_eq!(st(2, 2, false).admits(Action::Apply), Err("plans running"));
         assert_eq!(st(0, 2, false).with_started(Action::Apply), st(0, 2, true));
         assert_eq!(st(1, 2, false).with_started(Action::Plan), st(2, 2, false));
+    }
+
+    #[test]
+    fn log_lines_split_like_the_stream() {
+        assert_eq!(log_lines(b"a\nb\n"), ["a", "b"]);
+        assert_eq!(log_lines(b"a\n\nb"), ["a", "", "b"]);
+        assert_eq!(log_lines(b"a\r\n"), ["a\r"]);
+        assert!(log_lines(b"").is_empty());
+        assert_eq!(log_lines(b"\xff\n"), ["\u{fffd}"]);
+        // Fed in any pieces, the same lines come out.
+        let text = format!("one\ntwo\n{}\nthree", "x".repeat(MAX_LINE + 10));
+        let whole = log_lines(text.as_bytes());
+        assert_eq!(whole.len(), 5);
+        assert_eq!(whole[2].len(), MAX_LINE);
+        assert_eq!(whole[3].len(), 10);
+        for piece in [1, 7, 4096, MAX_LINE] {
+            let mut s = LineSplitter::default();
+            let mut lines = Vec::new();
+            for chunk in text.as_bytes().chunks(piece) {
+                lines.extend(s.push(chunk));
+            }
+            lines.extend(s.finish());
+            assert_eq!(lines, whole, "pieces of {piece}");
+        }
     }
 
     #[test]

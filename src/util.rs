@@ -62,6 +62,61 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The server's base URL, split for HTTP and WebSocket use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerUrl {
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash ("" for none).
+    pub base: String,
+}
+
+impl ServerUrl {
+    pub fn parse(s: &str) -> Result<ServerUrl, String> {
+        let uri: tungstenite::http::Uri = s
+            .parse()
+            .map_err(|e| format!("--server {s:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(
+                    "https:// servers need TLS, which this build does not have yet; \
+                            use http:// (e.g. through an SSH tunnel or a TLS proxy)"
+                        .into(),
+                )
+            }
+            _ => return Err(format!("--server {s:?} must start with http://")),
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("--server {s:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Ok(ServerUrl {
+            host,
+            port: uri.port_u16().unwrap_or(80),
+            base: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}{path}", self.authority(), self.base)
+    }
+
+    pub fn ws(&self, path: &str) -> String {
+        format!("ws://{}{}{path}", self.authority(), self.base)
+    }
+}
+
 /// Exponential backoff with full jitter: the n-th wait is uniform in `[0, min(cap, base·2ⁿ)]`,
 /// never below `floor`. Full jitter spreads a fleet of agents that lost the server at
 /// the same moment, so they do not all come back in the same millisecond.
@@ -109,6 +164,25 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_urls() {
+        let u = ServerUrl::parse("http://iac.example:8080/base/").unwrap();
+        assert_eq!(
+            u.http("/agents/register"),
+            "http://iac.example:8080/base/agents/register"
+        );
+        assert_eq!(
+            u.ws("/agent/control"),
+            "ws://iac.example:8080/base/agent/control"
+        );
+        let u = ServerUrl::parse("http://[::1]:9").unwrap();
+        assert_eq!(u.ws("/x"), "ws://[::1]:9/x");
+        assert_eq!(ServerUrl::parse("http://h").unwrap().port, 80);
+        assert!(ServerUrl::parse("ftp://h").is_err());
+        assert!(ServerUrl::parse("https://h").unwrap_err().contains("TLS"));
+        assert!(ServerUrl::parse("not a url").is_err());
+    }
 
     #[test]
     fn rfc3339_known_dates() {

@@ -10,7 +10,8 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -57,13 +58,32 @@ pub enum Outgoing {
 #[derive(Clone)]
 pub struct Mailbox {
     tx: Sender<Outgoing>,
-    wake: Arc<UnixStream>,
+    shared: Arc<MailShared>,
+}
+
+struct MailShared {
+    wake: UnixStream,
+    /// Bytes of text queued and not yet taken by the owner.
+    pending: AtomicUsize,
+    /// A close that jumps the queue: see [`Mailbox::abort`].
+    abort: Mutex<Option<(u16, String)>>,
 }
 
 /// The receiving side, owned by the thread that owns the socket.
 pub struct Inbox {
     rx: Receiver<Outgoing>,
+    shared: Arc<MailShared>,
     wake: UnixStream,
+}
+
+/// What became of a bounded send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Sent,
+    /// More than the bound is already waiting: the message was not queued.
+    Full,
+    /// The owner is gone.
+    Gone,
 }
 
 /// A new mailbox and its inbox.
@@ -72,37 +92,70 @@ pub fn mailbox() -> io::Result<(Mailbox, Inbox)> {
     a.set_nonblocking(true)?;
     b.set_nonblocking(true)?;
     let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(MailShared {
+        wake: a,
+        pending: AtomicUsize::new(0),
+        abort: Mutex::new(None),
+    });
     Ok((
         Mailbox {
             tx,
-            wake: Arc::new(a),
+            shared: shared.clone(),
         },
-        Inbox { rx, wake: b },
+        Inbox {
+            rx,
+            shared,
+            wake: b,
+        },
     ))
 }
 
 impl Mailbox {
     /// Queues a message and wakes the owner. False when the owner is gone.
     pub fn send(&self, msg: Outgoing) -> bool {
+        let len = match &msg {
+            Outgoing::Text(t) => t.len(),
+            _ => 0,
+        };
+        self.shared.pending.fetch_add(len, Ordering::SeqCst);
         if self.tx.send(msg).is_err() {
+            self.shared.pending.fetch_sub(len, Ordering::SeqCst);
             return false;
         }
-        // A full pipe (WouldBlock) means a wake-up is already pending: nothing to do.
-        let _ = (&*self.wake).write(&[1]);
+        self.wake();
         true
     }
 
     pub fn send_text(&self, text: String) -> bool {
         self.send(Outgoing::Text(text))
     }
+
+    /// Queues a text unless more than `max_pending` bytes already wait: a reader that
+    /// does not keep up is refused rather than allowed to grow our memory.
+    pub fn send_bounded(&self, text: String, max_pending: usize) -> Delivery {
+        if self.shared.pending.load(Ordering::SeqCst) > max_pending {
+            return Delivery::Full;
+        }
+        if self.send(Outgoing::Text(text)) {
+            Delivery::Sent
+        } else {
+            Delivery::Gone
+        }
+    }
+
+    /// Ends the connection now with this close code, ahead of anything still queued.
+    pub fn abort(&self, code: u16, reason: impl Into<String>) {
+        *self.shared.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, reason.into()));
+        self.wake();
+    }
+
+    fn wake(&self) {
+        // A full pipe (WouldBlock) means a wake-up is already pending: nothing to do.
+        let _ = (&self.shared.wake).write(&[1]);
+    }
 }
 
 impl Inbox {
-    /// Takes the next message without waiting (for owners that are not in [`run`]).
-    pub fn try_recv(&self) -> Result<Outgoing, TryRecvError> {
-        self.rx.try_recv()
-    }
-
     fn drain_wake(&self) {
         let mut buf = [0u8; 64];
         while let Ok(n) = (&self.wake).read(&mut buf) {
@@ -110,6 +163,23 @@ impl Inbox {
                 break;
             }
         }
+    }
+
+    fn take_abort(&self) -> Option<(u16, String)> {
+        self.shared
+            .abort
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Takes the next message without waiting (for owners outside [`run`]).
+    pub fn try_recv(&self) -> Result<Outgoing, TryRecvError> {
+        let msg = self.rx.try_recv()?;
+        if let Outgoing::Text(t) = &msg {
+            self.shared.pending.fetch_sub(t.len(), Ordering::SeqCst);
+        }
+        Ok(msg)
     }
 }
 
@@ -139,8 +209,9 @@ pub trait Peer {
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
-    /// The peer closed (or the TCP connection ended after a close handshake).
-    Closed,
+    /// The peer closed (with this code and reason, if it sent a close frame), or the
+    /// TCP connection ended.
+    Closed(Option<(u16, String)>),
     /// We closed, with this reason.
     WeClosed(String),
 }
@@ -160,6 +231,7 @@ pub fn run<S: Transport>(
     // Set once we started a close: (reason, give-up time).
     let mut closing: Option<(String, Instant)> = None;
     let mut peer_closed = false;
+    let mut peer_frame: Option<(u16, String)> = None;
 
     loop {
         // Inbound: everything the socket has.
@@ -167,16 +239,20 @@ pub fn run<S: Transport>(
             match ws.read() {
                 Ok(Message::Text(text)) => {
                     if closing.is_none() && !peer_closed {
-                        if let Flow::Close(code, reason) = peer.on_text(text.as_str(), &mut out) {
-                            start_close(ws, &mut closing, code, reason)?;
+                        let flow = peer.on_text(text.as_str(), &mut out);
+                        if let Some(end) = follow(ws, &mut closing, flow)? {
+                            return Ok(end);
                         }
                     }
                 }
-                Ok(Message::Close(_)) => peer_closed = true,
+                Ok(Message::Close(frame)) => {
+                    peer_closed = true;
+                    peer_frame = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                }
                 Ok(_) => {} // ping/pong are answered by tungstenite; binary is not ours
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(WsError::ConnectionClosed) => return Ok(end_of(closing)),
-                Err(WsError::AlreadyClosed) => return Ok(end_of(closing)),
+                Err(WsError::ConnectionClosed) => return Ok(end_of(closing, &peer_frame)),
+                Err(WsError::AlreadyClosed) => return Ok(end_of(closing, &peer_frame)),
                 Err(e) => return Err(e),
             }
         }
@@ -200,50 +276,54 @@ pub fn run<S: Transport>(
         // Outbound: drain the wake-up bytes first, then the queue, so that a message
         // queued after this point always leaves a byte for the next poll.
         inbox.drain_wake();
-        loop {
-            match inbox.rx.try_recv() {
-                Ok(Outgoing::Text(t)) => out.push(t),
-                Ok(Outgoing::Nudge) => {
-                    let flow = peer.on_nudge(&mut out);
-                    if closing.is_none() && !peer_closed {
-                        if let Some(end) = follow(ws, &mut closing, flow)? {
-                            return Ok(end);
+        if let Some((code, reason)) = inbox.take_abort() {
+            if let Some(end) = follow(ws, &mut closing, Flow::Abort(code, reason))? {
+                return Ok(end);
+            }
+        }
+        // Backpressure: while the socket does not take what we have, leave the queue
+        // alone (a bounded sender then sees it fill up).
+        let mut want_write = match flush(ws)? {
+            Flushed::Done => false,
+            Flushed::Blocked => true,
+            Flushed::Closed => return Ok(end_of(closing, &peer_frame)),
+        };
+        if !want_write {
+            loop {
+                match inbox.try_recv() {
+                    Ok(Outgoing::Text(t)) => out.push(t),
+                    Ok(Outgoing::Nudge) => {
+                        let flow = peer.on_nudge(&mut out);
+                        if closing.is_none() && !peer_closed {
+                            if let Some(end) = follow(ws, &mut closing, flow)? {
+                                return Ok(end);
+                            }
                         }
                     }
-                }
-                Ok(Outgoing::Close(code, reason)) => {
-                    if closing.is_none() && !peer_closed {
-                        start_close(ws, &mut closing, code, reason)?;
+                    Ok(Outgoing::Close(code, reason)) => {
+                        // Whatever was queued before the close goes out first.
+                        write_all(ws, &mut out, closing.is_some() || peer_closed)?;
+                        if closing.is_none() && !peer_closed {
+                            start_close(ws, &mut closing, code, reason)?;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        write_all(ws, &mut out, closing.is_some() || peer_closed)?;
+                        if closing.is_none() && !peer_closed {
+                            start_close(ws, &mut closing, 1001, "shutting down".into())?;
+                        }
+                        break;
                     }
                 }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    if closing.is_none() && !peer_closed {
-                        start_close(ws, &mut closing, 1001, "shutting down".into())?;
-                    }
-                    break;
-                }
             }
         }
-        if closing.is_some() || peer_closed {
-            out.clear();
+        write_all(ws, &mut out, closing.is_some() || peer_closed)?;
+        match flush(ws)? {
+            Flushed::Done => want_write = false,
+            Flushed::Blocked => want_write = true,
+            Flushed::Closed => return Ok(end_of(closing, &peer_frame)),
         }
-        for text in out.drain(..) {
-            match ws.write(Message::text(text)) {
-                Ok(()) => {}
-                // The frame is kept in tungstenite's write buffer; flush goes on below.
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let want_write = match ws.flush() {
-            Ok(()) => false,
-            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => true,
-            Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
-                return Ok(end_of(closing))
-            }
-            Err(e) => return Err(e),
-        };
 
         // Sleep until the socket or the mailbox has something, or the next tick.
         let now = Instant::now();
@@ -270,6 +350,44 @@ pub fn run<S: Transport>(
             Err(e) => return Err(WsError::Io(e.into())),
         }
     }
+}
+
+enum Flushed {
+    Done,
+    /// The socket took less than we had; the rest waits in tungstenite's buffer.
+    Blocked,
+    Closed,
+}
+
+fn flush<S: Transport>(ws: &mut WebSocket<S>) -> Result<Flushed, WsError> {
+    match ws.flush() {
+        Ok(()) => Ok(Flushed::Done),
+        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(Flushed::Blocked),
+        Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => Ok(Flushed::Closed),
+        Err(e) => Err(e),
+    }
+}
+
+/// Hands the texts to tungstenite (which buffers what the socket does not take yet);
+/// drops them when the connection is closing.
+fn write_all<S: Transport>(
+    ws: &mut WebSocket<S>,
+    out: &mut Vec<String>,
+    discard: bool,
+) -> Result<(), WsError> {
+    if discard {
+        out.clear();
+        return Ok(());
+    }
+    for text in out.drain(..) {
+        match ws.write(Message::text(text)) {
+            Ok(()) => {}
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Acts on a handler's [`Flow`]; `Some` when the loop must end now.
@@ -309,10 +427,10 @@ fn start_close<S: Transport>(
     }
 }
 
-fn end_of(closing: Option<(String, Instant)>) -> End {
+fn end_of(closing: Option<(String, Instant)>, peer_frame: &Option<(u16, String)>) -> End {
     match closing {
         Some((reason, _)) => End::WeClosed(reason),
-        None => End::Closed,
+        None => End::Closed(peer_frame.clone()),
     }
 }
 
@@ -392,6 +510,37 @@ mod tests {
         assert!(matches!(h.join().unwrap(), Ok(End::WeClosed(_))));
     }
 
+    #[test]
+    fn a_reader_that_stalls_fills_its_bound_and_is_aborted() {
+        let (mut server, client) = pair();
+        let (mbox, inbox) = mailbox().unwrap();
+        let h = thread::spawn(move || {
+            let mut echo = Echo { ticks: 0 };
+            run(&mut server, &inbox, Duration::from_secs(3600), &mut echo)
+        });
+        // The client never reads: kernel buffers, then tungstenite's, then the bound fill.
+        let line = "x".repeat(1000);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut sent = 0usize;
+        loop {
+            match mbox.send_bounded(line.clone(), 64 * 1024) {
+                Delivery::Sent => sent += 1,
+                Delivery::Full => break,
+                Delivery::Gone => panic!("the loop ended early"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bound never filled ({sent} sent)"
+            );
+            if sent % 100 == 0 {
+                thread::yield_now();
+            }
+        }
+        mbox.abort(4008, "too slow");
+        assert_eq!(h.join().unwrap().unwrap(), End::WeClosed("too slow".into()));
+        drop(client);
+    }
+
     /// Sends "tick" on every tick.
     struct Ticker;
 
@@ -414,8 +563,16 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(client.read().unwrap(), Message::text("tick"));
         }
-        client.close(None).unwrap();
+        client
+            .close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .unwrap();
         while client.read().is_ok() {}
-        assert_eq!(h.join().unwrap().unwrap(), End::Closed);
+        assert_eq!(
+            h.join().unwrap().unwrap(),
+            End::Closed(Some((1000, String::new())))
+        );
     }
 }

@@ -11,7 +11,7 @@ use tungstenite::client::ClientRequestBuilder;
 use tungstenite::{Message, WebSocket};
 
 use super::scheduler::Admission;
-use super::{runner, Credentials, Ctx, Error};
+use super::{runner, streamer, Credentials, Ctx, Error};
 use crate::protocol::{valid_task_id, AgentMsg, RegisterRequest, RegisterResponse, ServerMsg};
 use crate::util::Backoff;
 use crate::wsloop::{self, Flow, Inbox, Peer};
@@ -114,24 +114,36 @@ fn register(ctx: &Ctx) -> Result<Credentials, RegisterError> {
         408 | 429 | 500..=599 => Err(RegisterError::Retry(format!("{status}: {text}"))),
         _ => Err(RegisterError::Refused(format!(
             "the server refused the registration ({status}): {}",
-            error_text(&text)
+            crate::protocol::error_message(&text)
         ))),
     }
 }
 
-/// The `error` field of a JSON error body, or the body itself.
-pub(crate) fn error_text(body: &str) -> String {
-    serde_json::from_str::<crate::protocol::ErrorBody>(body)
-        .map(|e| e.error)
-        .unwrap_or_else(|_| body.chars().take(200).collect())
-}
-
-enum ConnectError {
+pub(crate) enum ConnectError {
     Unauthorized,
     Other(String),
 }
 
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Unauthorized => write!(f, "the server refused the agent token"),
+            ConnectError::Other(s) => write!(f, "{s}"),
+        }
+    }
+}
+
 fn connect(ctx: &Ctx, creds: &Credentials) -> Result<WebSocket<TcpStream>, ConnectError> {
+    connect_ws(ctx, creds, "/agent/control", wsloop::control_config())
+}
+
+/// Opens a WebSocket to `path` on the server with the agent's token.
+pub(crate) fn connect_ws(
+    ctx: &Ctx,
+    creds: &Credentials,
+    path: &str,
+    config: tungstenite::protocol::WebSocketConfig,
+) -> Result<WebSocket<TcpStream>, ConnectError> {
     let server = &ctx.config.server;
     let other = |e: &dyn std::fmt::Display| ConnectError::Other(e.to_string());
     let addr = (server.host.as_str(), server.port)
@@ -146,12 +158,12 @@ fn connect(ctx: &Ctx, creds: &Credentials) -> Result<WebSocket<TcpStream>, Conne
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| other(&e))?;
     let uri = server
-        .ws("/agent/control")
+        .ws(path)
         .parse()
         .map_err(|e: tungstenite::http::uri::InvalidUri| other(&e))?;
     let request = ClientRequestBuilder::new(uri)
         .with_header("Authorization", format!("Bearer {}", creds.token));
-    match tungstenite::client::client_with_config(request, stream, Some(wsloop::control_config())) {
+    match tungstenite::client::client_with_config(request, stream, Some(config)) {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)))
             if resp.status() == 401 =>
@@ -196,15 +208,15 @@ impl ServerPeer {
                             task_id: task_id.clone(),
                         }));
                         out.push(state_msg(ctx));
-                        let cancel = Arc::new(runner::Cancel::default());
-                        ctx.cancels().insert(task_id.clone(), cancel.clone());
+                        let cancel = Arc::new(runner::TaskHandle::new(task_data.action));
+                        ctx.tasks().insert(task_id.clone(), cancel.clone());
                         let worker_ctx = ctx.clone();
                         let spawned = thread::Builder::new()
                             .name(format!("task {task_id}"))
                             .spawn(move || runner::run_task(&worker_ctx, task_data, &cancel));
                         if let Err(e) = spawned {
                             log::error!("cannot start a worker for {task_id}: {e}");
-                            ctx.cancels().remove(&task_id);
+                            ctx.tasks().remove(&task_id);
                             ctx.scheduler.finish(&task_id);
                             out.push(event(&AgentMsg::TaskFinished {
                                 task_id,
@@ -227,7 +239,7 @@ impl ServerPeer {
                 }
             }
             ServerMsg::CancelTask { task_id } => {
-                let cancel = ctx.cancels().get(&task_id).cloned();
+                let cancel = ctx.tasks().get(&task_id).cloned();
                 match cancel {
                     Some(c) => {
                         log::info!("canceling {task_id}");
@@ -238,10 +250,8 @@ impl ServerPeer {
                     }
                 }
             }
-            ServerMsg::StartRealtimeStream { task_id }
-            | ServerMsg::StopRealtimeStream { task_id } => {
-                log::debug!("live log streaming of {task_id} is not available in this version");
-            }
+            ServerMsg::StartRealtimeStream { task_id } => streamer::start(ctx, &task_id),
+            ServerMsg::StopRealtimeStream { task_id } => streamer::stop(ctx, &task_id),
         }
     }
 }

@@ -6,21 +6,26 @@
 //! - **workers** ([`runner::run_task`]): one thread per running task (plans run
 //!   concurrently up to the limit; an apply runs alone, as the [`scheduler`] decides).
 //!   Each uploads its phase logs ([`uploader`]) and reports through the mailbox.
+//! - **streamers** ([`streamer`]): only while somebody watches a task, one thread opens
+//!   WS 3 and sends the task's log files line by line as Terraform writes them.
 //! - **cancel timers**: a short-lived thread per cancel, to SIGKILL after the grace period.
 
 pub(crate) mod control;
 pub(crate) mod runner;
 pub(crate) mod scheduler;
+pub(crate) mod streamer;
 pub(crate) mod uploader;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::cli::{FlagSpec, Flags};
 use crate::protocol::Labels;
+pub use crate::util::ServerUrl;
 use crate::wsloop::{self, Mailbox};
 
 /// Flags that take a value, with their environment variable and help.
@@ -87,61 +92,6 @@ pub struct Config {
     pub cancel_grace: Duration,
 }
 
-/// The server's base URL, split for HTTP and WebSocket use.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerUrl {
-    pub host: String,
-    pub port: u16,
-    /// Path prefix without a trailing slash ("" for none).
-    pub base: String,
-}
-
-impl ServerUrl {
-    pub fn parse(s: &str) -> Result<ServerUrl, String> {
-        let uri: tungstenite::http::Uri = s
-            .parse()
-            .map_err(|e| format!("--server {s:?} is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(
-                    "https:// servers need TLS, which this build does not have yet; \
-                            use http:// (e.g. through an SSH tunnel or a TLS proxy)"
-                        .into(),
-                )
-            }
-            _ => return Err(format!("--server {s:?} must start with http://")),
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| format!("--server {s:?} has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        Ok(ServerUrl {
-            host,
-            port: uri.port_u16().unwrap_or(80),
-            base: uri.path().trim_end_matches('/').to_string(),
-        })
-    }
-
-    fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-
-    pub fn http(&self, path: &str) -> String {
-        format!("http://{}{}{path}", self.authority(), self.base)
-    }
-
-    pub fn ws(&self, path: &str) -> String {
-        format!("ws://{}{}{path}", self.authority(), self.base)
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -167,6 +117,17 @@ pub fn parse_labels<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Labe
         labels.insert(k.trim().to_string(), v.trim().to_string());
     }
     Ok(labels)
+}
+
+/// The Terraform to run: a bare name is looked up on `PATH` by the OS; a relative path is
+/// made absolute now, since Terraform runs inside each task's directory.
+fn terraform_path(flag: Option<String>) -> Result<PathBuf, String> {
+    let path = PathBuf::from(flag.unwrap_or_else(|| "terraform".into()));
+    if path.components().count() > 1 && path.is_relative() {
+        return std::path::absolute(&path)
+            .map_err(|e| format!("--terraform {}: {e}", path.display()));
+    }
+    Ok(path)
 }
 
 impl Config {
@@ -200,7 +161,7 @@ impl Config {
             hostname: host,
             plan_limit: flags.number("--plan-limit", FLAGS, cpus, 1..=1024)? as u32,
             work_dir: PathBuf::from(get("--work-dir").unwrap_or_else(|| "./iac-agent-work".into())),
-            terraform: PathBuf::from(get("--terraform").unwrap_or_else(|| "terraform".into())),
+            terraform: terraform_path(get("--terraform"))?,
             labels,
             cancel_grace: Duration::from_secs(flags.number(
                 "--cancel-grace-s",
@@ -247,7 +208,8 @@ pub(crate) struct Ctx {
     pub scheduler: scheduler::Scheduler,
     pub mailbox: Mailbox,
     credentials: Mutex<Option<Credentials>>,
-    cancels: Mutex<HashMap<String, Arc<runner::Cancel>>>,
+    tasks: Mutex<HashMap<String, Arc<runner::TaskHandle>>>,
+    streams: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -264,8 +226,14 @@ impl Ctx {
         *lock(&self.credentials) = c;
     }
 
-    pub fn cancels(&self) -> MutexGuard<'_, HashMap<String, Arc<runner::Cancel>>> {
-        lock(&self.cancels)
+    /// The tasks running here.
+    pub fn tasks(&self) -> MutexGuard<'_, HashMap<String, Arc<runner::TaskHandle>>> {
+        lock(&self.tasks)
+    }
+
+    /// The live-log streamers running here, by task, with their stop flags.
+    pub fn streams(&self) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
+        lock(&self.streams)
     }
 
     /// Queues an event for the server. Events wait in the mailbox while WS 1 is down.
@@ -287,6 +255,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
+            // No pooled keep-alive connection: between uploads the agent holds WS 1 only.
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
             .timeout_global(Some(Duration::from_secs(300)))
             .user_agent(format!("iac-agent/{}", crate::VERSION))
             .build(),
@@ -299,7 +270,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         http,
         mailbox,
         credentials: Mutex::new(None),
-        cancels: Mutex::new(HashMap::new()),
+        tasks: Mutex::new(HashMap::new()),
+        streams: Mutex::new(HashMap::new()),
     });
     log::info!(
         "agent {} starting: server {}, plan limit {}, labels {:?}",
@@ -316,22 +288,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_urls() {
-        let u = ServerUrl::parse("http://iac.example:8080/base/").unwrap();
+    fn relative_terraform_paths_become_absolute() {
+        assert_eq!(terraform_path(None).unwrap(), PathBuf::from("terraform"));
         assert_eq!(
-            u.http("/agents/register"),
-            "http://iac.example:8080/base/agents/register"
+            terraform_path(Some("/opt/tf".into())).unwrap(),
+            PathBuf::from("/opt/tf")
         );
-        assert_eq!(
-            u.ws("/agent/control"),
-            "ws://iac.example:8080/base/agent/control"
-        );
-        let u = ServerUrl::parse("http://[::1]:9").unwrap();
-        assert_eq!(u.ws("/x"), "ws://[::1]:9/x");
-        assert_eq!(ServerUrl::parse("http://h").unwrap().port, 80);
-        assert!(ServerUrl::parse("ftp://h").is_err());
-        assert!(ServerUrl::parse("https://h").unwrap_err().contains("TLS"));
-        assert!(ServerUrl::parse("not a url").is_err());
+        let p = terraform_path(Some("./bin/tf".into())).unwrap();
+        assert!(p.is_absolute() && p.ends_with("bin/tf"), "{}", p.display());
     }
 
     #[test]

@@ -24,15 +24,33 @@ use super::{uploader, Ctx};
 use crate::protocol::{Action, AgentMsg, FinalStatus, Phase, TaskData};
 use crate::wsloop::Outgoing;
 
-/// A task's cancel switch: set once, and signals whatever child runs at the time.
-#[derive(Default)]
-pub(crate) struct Cancel {
+/// A running task as the other threads see it: its cancel switch (set once; signals
+/// whatever child runs at the time) and its progress (for the live-log streamer).
+pub(crate) struct TaskHandle {
+    pub action: Action,
     canceled: AtomicBool,
     /// The process group of the running child, if any.
     child: Mutex<Option<i32>>,
+    progress: Mutex<Progress>,
 }
 
-impl Cancel {
+#[derive(Default)]
+struct Progress {
+    started: Vec<Phase>,
+    done: Vec<Phase>,
+    finished: bool,
+}
+
+impl TaskHandle {
+    pub fn new(action: Action) -> TaskHandle {
+        TaskHandle {
+            action,
+            canceled: AtomicBool::new(false),
+            child: Mutex::new(None),
+            progress: Mutex::new(Progress::default()),
+        }
+    }
+
     pub fn is_canceled(&self) -> bool {
         self.canceled.load(Ordering::SeqCst)
     }
@@ -40,14 +58,14 @@ impl Cancel {
     /// SIGINT (Terraform's graceful stop) now, SIGKILL after `grace` if still running.
     pub fn cancel(self: &std::sync::Arc<Self>, grace: Duration) {
         self.canceled.store(true, Ordering::SeqCst);
-        let Some(pgid) = *self.lock() else { return };
+        let Some(pgid) = *self.child() else { return };
         signal_group(pgid, Signal::INT);
         let me = self.clone();
         let _ = thread::Builder::new()
             .name("cancel timer".into())
             .spawn(move || {
                 thread::sleep(grace);
-                if *me.lock() == Some(pgid) {
+                if *me.child() == Some(pgid) {
                     log::warn!(
                         "process group {pgid} still running {} s after SIGINT: SIGKILL",
                         grace.as_secs()
@@ -57,18 +75,37 @@ impl Cancel {
             });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<i32>> {
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<i32>> {
         self.child.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_child(&self, pgid: Option<i32>) {
-        *self.lock() = pgid;
+        *self.child() = pgid;
         if pgid.is_some() && self.is_canceled() {
             // Canceled between the check and the spawn: stop it now.
             if let Some(p) = pgid {
                 signal_group(p, Signal::INT);
             }
         }
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the phase's log file exists (it is created before this is set).
+    pub fn phase_started(&self, phase: Phase) -> bool {
+        self.progress().started.contains(&phase)
+    }
+
+    /// Whether the phase's log is complete.
+    pub fn phase_done(&self, phase: Phase) -> bool {
+        let p = self.progress();
+        p.done.contains(&phase) || p.finished
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.progress().finished
     }
 }
 
@@ -148,10 +185,10 @@ fn run_phase(
     dir: &Path,
     log: &mut File,
     phase: Phase,
-    cancel: &Cancel,
+    handle: &TaskHandle,
 ) -> io::Result<i32> {
     for args in phase_steps(phase) {
-        if cancel.is_canceled() {
+        if handle.is_canceled() {
             writeln!(log, "--- canceled before terraform {} ---", args[0])?;
             return Ok(130);
         }
@@ -177,9 +214,9 @@ fn run_phase(
                 return Ok(127);
             }
         };
-        cancel.set_child(Some(child.id() as i32));
+        handle.set_child(Some(child.id() as i32));
         let status = child.wait();
-        cancel.set_child(None);
+        handle.set_child(None);
         let code = exit_code(status?);
         if code != 0 {
             writeln!(log, "--- terraform {} exited with code {code} ---", args[0])?;
@@ -190,7 +227,7 @@ fn run_phase(
 }
 
 /// The whole task, on its worker thread. Always ends with `task_finished`.
-pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
+pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &TaskHandle) {
     let id = task.task_id.clone();
     let work = &ctx.config.work_dir;
     let dir = task_dir(work, &id);
@@ -202,7 +239,9 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
     let mut last_code = 0;
     for (i, phase) in phases.iter().copied().enumerate() {
         let path = log_path(work, &id, phase);
-        let code = match open_log(&path) {
+        let opened = open_log(&path);
+        handle.progress().started.push(phase);
+        let code = match opened {
             Ok(mut log) => match prepared {
                 Err(ref e) => {
                     let _ = writeln!(
@@ -212,7 +251,7 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
                     );
                     -1
                 }
-                Ok(()) => run_phase(ctx, &dir, &mut log, phase, cancel).unwrap_or_else(|e| {
+                Ok(()) => run_phase(ctx, &dir, &mut log, phase, handle).unwrap_or_else(|e| {
                     let _ = writeln!(log, "the agent could not run this phase: {e}");
                     -1
                 }),
@@ -224,11 +263,12 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
             }
         };
         last_code = code;
+        handle.progress().done.push(phase);
         log::info!("{id}: {} phase ended with code {code}", phase.as_str());
         if let Err(e) = uploader::upload(ctx, &id, phase, &path) {
             log::error!("{id}: the {} log was not archived: {e}", phase.as_str());
         }
-        if cancel.is_canceled() {
+        if handle.is_canceled() {
             // No `phase_finished`: `task_finished(canceled)` marks the interrupted phase
             // `canceled` rather than `failed`.
             break;
@@ -242,7 +282,7 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
             break;
         }
     }
-    let status = if cancel.is_canceled() {
+    let status = if handle.is_canceled() {
         FinalStatus::Canceled
     } else if last_code == 0 {
         FinalStatus::Succeeded
@@ -260,7 +300,8 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, cancel: &Cancel) {
         status,
         exit_code: Some(last_code),
     });
-    ctx.cancels().remove(&id);
+    handle.progress().finished = true;
+    ctx.tasks().remove(&id);
     ctx.scheduler.finish(&id);
     ctx.mailbox.send(Outgoing::Nudge);
 }

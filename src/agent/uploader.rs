@@ -8,7 +8,6 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use super::control::error_text;
 use super::Ctx;
 use crate::protocol::Phase;
 use crate::util::Backoff;
@@ -71,7 +70,10 @@ fn attempt_upload(ctx: &Ctx, url: &str, path: &Path) -> Result<(), (Option<u16>,
         return Ok(());
     }
     let body = resp.body_mut().read_to_string().unwrap_or_default();
-    Err((Some(status), format!("{status}: {}", error_text(&body))))
+    Err((
+        Some(status),
+        format!("{status}: {}", crate::protocol::error_message(&body)),
+    ))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::http::{Conn, Head, HeadError, Response};
 use super::lifecycle::{Change, Refusal};
 use super::store::{AgentRow, StoreError};
-use super::{auth, control, Shared};
+use super::{auth, client_hub, control, stream, Shared};
 use crate::protocol::{
     valid_task_id, AgentList, CreateTask, Phase, RegisterRequest, RegisterResponse, ServerMsg,
     TaskList, TaskStatus,
@@ -28,10 +28,12 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/openapi.json"),
     ("POST", "/agents/register"),
     ("GET", "/agent/control"),
+    ("GET", "/agent/stream/{task_id}"),
     ("POST", "/api/tasks"),
     ("GET", "/api/tasks"),
     ("GET", "/api/tasks/{task_id}"),
     ("POST", "/api/tasks/{task_id}/cancel"),
+    ("GET", "/api/tasks/{task_id}/logs/live"),
     ("GET", "/api/tasks/{task_id}/logs/{phase}"),
     ("POST", "/api/tasks/{task_id}/logs/upload"),
     ("GET", "/api/agents"),
@@ -86,8 +88,18 @@ enum Reply {
     Answer(Response),
     /// A file streamed as the body.
     File(std::fs::File, u64, &'static str),
-    /// Switch to WS 1 for this agent.
-    Control(AgentRow, String),
+    /// Switch to a WebSocket: the `Sec-WebSocket-Accept` value and what it is for.
+    Upgrade(String, Upgrade),
+}
+
+/// The three WebSockets of the contract.
+enum Upgrade {
+    /// WS 1 of this agent.
+    Control(AgentRow),
+    /// WS 3: this agent's live stream of a task.
+    Stream(String),
+    /// WS 2: a viewer of a task's live log.
+    Viewer(String),
 }
 
 type Handled = Result<Reply, Response>;
@@ -170,10 +182,15 @@ pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         let written = match reply {
             Reply::Answer(resp) => conn.write_response(&resp, reusable),
             Reply::File(mut f, len, ctype) => conn.write_stream(200, ctype, &mut f, len, reusable),
-            Reply::Control(agent, accept_key) => {
+            Reply::Upgrade(accept_key, upgrade) => {
                 let (mut stream, leftover) = conn.into_parts();
-                if switch_protocols(&mut stream, &accept_key).is_ok() {
-                    control::serve(shared, agent, stream, leftover);
+                if switch_protocols(&mut stream, &accept_key).is_err() {
+                    return;
+                }
+                match upgrade {
+                    Upgrade::Control(agent) => control::serve(shared, agent, stream, leftover),
+                    Upgrade::Stream(task) => stream::serve(shared, task, stream, leftover),
+                    Upgrade::Viewer(task) => client_hub::serve(shared, task, stream, leftover),
                 }
                 return;
             }
@@ -236,6 +253,8 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
         ))),
         ("POST", "/agents/register") => register(shared, req),
         ("GET", "/agent/control") => control_upgrade(shared, head),
+        ("GET", "/agent/stream/{task_id}") => stream_upgrade(shared, head, task()?),
+        ("GET", "/api/tasks/{task_id}/logs/live") => viewer_upgrade(shared, head, task()?),
         ("POST", "/api/tasks") => create_task(shared, req),
         ("GET", "/api/tasks") => list_tasks(shared, head),
         ("GET", "/api/tasks/{task_id}") => get_task(shared, head, task()?),
@@ -323,8 +342,8 @@ fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
     )))
 }
 
-fn control_upgrade(shared: &Shared, head: &Head) -> Handled {
-    let agent = agent_auth(shared, head)?;
+/// Checks a WebSocket upgrade request; returns the `Sec-WebSocket-Accept` value.
+fn websocket_accept(head: &Head) -> Result<String, Response> {
     if !head.is_websocket_upgrade() || !head.header_has_token("connection", "upgrade") {
         return Err(
             Response::error(426, "this endpoint is a WebSocket: send Upgrade: websocket")
@@ -338,8 +357,54 @@ fn control_upgrade(shared: &Shared, head: &Head) -> Handled {
     let Some(key) = head.header("sec-websocket-key") else {
         return Err(Response::error(400, "missing Sec-WebSocket-Key"));
     };
-    let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
-    Ok(Reply::Control(agent, accept))
+    Ok(tungstenite::handshake::derive_accept_key(
+        key.trim().as_bytes(),
+    ))
+}
+
+fn control_upgrade(shared: &Shared, head: &Head) -> Handled {
+    let agent = agent_auth(shared, head)?;
+    let accept = websocket_accept(head)?;
+    Ok(Reply::Upgrade(accept, Upgrade::Control(agent)))
+}
+
+fn stream_upgrade(shared: &Shared, head: &Head, id: &str) -> Handled {
+    let agent = agent_auth(shared, head)?;
+    let rec = shared
+        .store
+        .task(id)
+        .map_err(internal)?
+        .ok_or_else(|| no_task(id))?;
+    if rec.agent_id.as_deref() != Some(agent.agent_id.as_str()) {
+        return Err(Response::error(
+            403,
+            format!("task {id} is not assigned to agent {}", agent.agent_id),
+        ));
+    }
+    let accept = websocket_accept(head)?;
+    Ok(Reply::Upgrade(accept, Upgrade::Stream(id.to_string())))
+}
+
+fn viewer_upgrade(shared: &Shared, head: &Head, id: &str) -> Handled {
+    // Browsers cannot set headers on a WebSocket: the token may come as a parameter.
+    match (head.bearer(), head.query_param("access_token")) {
+        (Some(_), _) => client_auth(shared, head)?,
+        (None, Some(t)) if auth::matches(&t, &shared.api_token_hash) => {}
+        (None, Some(_)) => return Err(Response::error(401, "the API token is not valid")),
+        (None, None) => {
+            return Err(Response::error(
+                401,
+                "missing API token: send Authorization: Bearer <api token> or ?access_token=",
+            ))
+        }
+    }
+    shared
+        .store
+        .task(id)
+        .map_err(internal)?
+        .ok_or_else(|| no_task(id))?;
+    let accept = websocket_accept(head)?;
+    Ok(Reply::Upgrade(accept, Upgrade::Viewer(id.to_string())))
 }
 
 fn create_task(shared: &Shared, req: &mut Req<'_>) -> Handled {
@@ -552,14 +617,24 @@ mod tests {
 
     #[test]
     fn routes_and_methods() {
-        assert_eq!(route("GET", "/healthz"), Routed::Found(1, vec![]));
+        let at = |m: &str, p: &str| ROUTES.iter().position(|r| *r == (m, p)).unwrap();
+        assert_eq!(
+            route("GET", "/healthz"),
+            Routed::Found(at("GET", "/healthz"), vec![])
+        );
+        let logs = at("GET", "/api/tasks/{task_id}/logs/{phase}");
         assert_eq!(
             route("GET", "/api/tasks/T-1/logs/plan"),
-            Routed::Found(9, vec!["T-1", "plan"])
+            Routed::Found(logs, vec!["T-1", "plan"])
         );
         assert_eq!(
             route("POST", "/api/tasks/T-1/logs/upload"),
-            Routed::Found(10, vec!["T-1"])
+            Routed::Found(at("POST", "/api/tasks/{task_id}/logs/upload"), vec!["T-1"])
+        );
+        // The literal route comes first in the table: `live` is not a phase.
+        assert_eq!(
+            route("GET", "/api/tasks/T-1/logs/live"),
+            Routed::Found(at("GET", "/api/tasks/{task_id}/logs/live"), vec!["T-1"])
         );
         assert_eq!(
             route("DELETE", "/api/tasks"),
@@ -571,7 +646,7 @@ mod tests {
         // The upload path only answers POST; GET there reads a phase called "upload".
         assert_eq!(
             route("GET", "/api/tasks/T-1/logs/upload"),
-            Routed::Found(9, vec!["T-1", "upload"])
+            Routed::Found(logs, vec!["T-1", "upload"])
         );
     }
 

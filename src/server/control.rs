@@ -173,6 +173,7 @@ impl AgentPeer {
                     .update_task(&task_id, |t| t.finish(agent, status, exit_code, &now));
                 if let Ok(Some((Ok(Change::Changed), _))) = &r {
                     log::info!("task {task_id} {status} on {agent}");
+                    shared.hub().nudge(&task_id);
                 }
                 shared.registry().release(agent, &task_id);
                 shared.kick();

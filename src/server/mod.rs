@@ -9,17 +9,25 @@
 //! - **dispatcher** ([`dispatch::run`]): wakes on a kick (`crossbeam` channel of `()`),
 //!   matches queued tasks to online agents, and drops `run_task` into their mailboxes.
 //!
-//! Shared state: the [`store::Store`] (SQLite + log archive, its own mutex) and the
-//! [`registry::Registry`] of online agents behind one `Mutex`.
+//! - **WS 3 threads** ([`stream::serve`]): an agent's live stream of a task, relayed line
+//!   by line into the [`client_hub`].
+//! - **WS 2 threads** ([`client_hub::serve`]): one per viewer of a live log, fed through
+//!   its bounded mailbox.
+//!
+//! Shared state: the [`store::Store`] (SQLite + log archive, its own mutex), the
+//! [`registry::Registry`] of online agents and the [`client_hub::Hub`] of watched tasks,
+//! each behind one `Mutex`, never two held at once.
 
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod client_hub;
 pub(crate) mod control;
 pub(crate) mod dispatch;
 pub(crate) mod http;
 pub(crate) mod lifecycle;
 pub(crate) mod registry;
 pub(crate) mod store;
+pub(crate) mod stream;
 
 use std::fmt;
 use std::io;
@@ -164,6 +172,7 @@ pub(crate) struct Shared {
     pub config: Config,
     pub store: store::Store,
     registry: Mutex<registry::Registry>,
+    hub: Mutex<client_hub::Hub>,
     kick: Sender<()>,
     pub api_token_hash: String,
     pub registration_token_hash: String,
@@ -174,6 +183,11 @@ impl Shared {
         // The registry is plain data updated in short steps; a panic mid-step cannot
         // leave it worse than a stale entry, so a poisoned lock is still usable.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn hub(&self) -> MutexGuard<'_, client_hub::Hub> {
+        // Plain data updated in short steps, as the registry.
+        self.hub.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks the dispatcher to look at the queue.
@@ -221,6 +235,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let shared = Arc::new(Shared {
         store,
         registry: Mutex::new(registry::Registry::default()),
+        hub: Mutex::new(client_hub::Hub::default()),
         kick,
         api_token_hash: auth::hash(&api.0),
         registration_token_hash: auth::hash(&reg.0),

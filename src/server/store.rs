@@ -464,6 +464,15 @@ impl Store {
         Ok(n)
     }
 
+    /// The whole archived log of a phase, if it was uploaded.
+    pub fn read_log(&self, task_id: &str, phase: Phase) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.log_path(task_id, phase)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The archived log of a phase, if it was uploaded.
     pub fn open_log(&self, task_id: &str, phase: Phase) -> Result<Option<(File, u64)>> {
         match File::open(self.log_path(task_id, phase)) {

@@ -244,7 +244,12 @@ impl Client {
         };
         let mut resp = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .unwrap_or_else(|e| panic!("{method} {path}: reading the answer: {e}"));
         (status, text)
     }
 
@@ -337,4 +342,182 @@ pub fn hello_config() -> Value {
         "locals": {"greeting": "hello ${var.name}"},
         "output": {"greeting": {"value": "${local.greeting}"}}
     })
+}
+
+/// The stand-in for Terraform with exact timing and volume.
+pub fn slow_terraform() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/slow-terraform")
+}
+
+/// Established TCP connections of process `pid` to `port` on loopback.
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().to_string();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            f.len() > 9
+                && f[3] == "01"
+                && f[2].rsplit(':').next() == Some(&format!("{port:04X}"))
+                && inodes.contains(f[9])
+        })
+        .count()
+}
+
+/// The names of the threads of process `pid`.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(n) = std::fs::read_to_string(t.path().join("comm")) {
+                names.push(n.trim().to_string());
+            }
+        }
+    }
+    names
+}
+
+/// A WS 2 viewer of a task's live log, read by a thread of its own.
+pub struct Viewer {
+    pub lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// The close code and reason, once closed; `None` inside while open.
+    pub closed: Arc<Mutex<Option<(Instant, u16, String)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Viewer {
+    /// Connects with the token in the `Authorization` header, or as `?access_token=`.
+    pub fn connect(server: &Server, task_id: &str, token_in_query: bool) -> Viewer {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        let path = format!("/api/tasks/{task_id}/logs/live");
+        let uri = if token_in_query {
+            format!(
+                "ws://127.0.0.1:{}{path}?access_token={API_TOKEN}",
+                server.port
+            )
+        } else {
+            format!("ws://127.0.0.1:{}{path}", server.port)
+        };
+        let mut req = tungstenite::client::ClientRequestBuilder::new(uri.parse().unwrap());
+        if !token_in_query {
+            req = req.with_header("Authorization", format!("Bearer {API_TOKEN}"));
+        }
+        let (mut ws, _) = tungstenite::client::client(req, stream).expect("WS 2 handshake");
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(None));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, c, s) = (lines.clone(), closed.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            use std::sync::atomic::Ordering;
+            loop {
+                if s.load(Ordering::SeqCst) {
+                    let _ = ws.close(None);
+                    let _ = ws.flush();
+                    return;
+                }
+                match ws.read() {
+                    Ok(tungstenite::Message::Text(t)) => {
+                        l.lock().unwrap().push((Instant::now(), t.to_string()))
+                    }
+                    Ok(tungstenite::Message::Close(f)) => {
+                        let (code, reason) = f
+                            .map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new()));
+                        *c.lock().unwrap() = Some((Instant::now(), code, reason));
+                        while ws.read().is_ok() {}
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => {
+                        *c.lock().unwrap() = Some((Instant::now(), 0, e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Viewer {
+            lines,
+            closed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn texts(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    pub fn wait_lines(&self, n: usize, within: Duration) {
+        wait_for(&format!("{n} lines"), within, || {
+            (self.count() >= n).then_some(())
+        });
+    }
+
+    /// Waits for the server to close; returns when, the code and the reason.
+    pub fn wait_closed(&self, within: Duration) -> (Instant, u16, String) {
+        wait_for("the live log to close", within, || {
+            self.closed.lock().unwrap().clone()
+        })
+    }
+
+    /// Leaves (closes from the client side) and waits for the reading thread.
+    pub fn leave(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The lines a live viewer of the task should see: the plan log's lines, `--- apply ---`
+/// and the apply log's lines, from the archive.
+pub fn expected_stream(client: &Client, task_id: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for phase in ["plan", "apply"] {
+        let (status, text) = client.log(task_id, phase);
+        if status != 200 {
+            continue;
+        }
+        if phase == "apply" {
+            lines.push("--- apply ---".to_string());
+        }
+        lines.extend(iac::protocol::log_lines(text.as_bytes()));
+    }
+    lines
 }
