@@ -19,31 +19,9 @@ struct FakeAgent {
 
 impl FakeAgent {
     fn connect(server: &Server, name: &str, labels: Value) -> FakeAgent {
-        let c = server.client();
-        let body = json!({"name": name, "hostname": "test", "version": "0", "plan_limit": 2, "labels": labels});
-        let (status, text) = c.raw(
-            "POST",
-            "/agents/register",
-            Some(REG_TOKEN),
-            Some(&body.to_string()),
-        );
-        assert_eq!(status, 200, "{text}");
-        let reg: Value = serde_json::from_str(&text).unwrap();
-        let token = reg["agent_token"].as_str().unwrap();
-        let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let uri = format!("ws://127.0.0.1:{}/agent/control", server.port)
-            .parse()
-            .unwrap();
-        let req =
-            ClientRequestBuilder::new(uri).with_header("Authorization", format!("Bearer {token}"));
-        let (ws, _) = tungstenite::client::client(req, stream).expect("WS 1 handshake");
-        FakeAgent {
-            ws,
-            agent_id: reg["agent_id"].as_str().unwrap().to_string(),
-        }
+        let (token, agent_id) = FakeAgent::register_with(server, name, labels);
+        let ws = FakeAgent::open(server, "/agent/control", &token);
+        FakeAgent { ws, agent_id }
     }
 
     fn send(&mut self, v: Value) {
@@ -189,4 +167,154 @@ fn a_second_connection_of_the_same_agent_replaces_the_first() {
         .client()
         .create_task(&json!({"action": "plan", "tf_json": {}}));
     assert_eq!(second.command()["task_data"]["task_id"], id.as_str());
+}
+
+impl FakeAgent {
+    /// Registers an agent; its token and id.
+    fn register(server: &Server, name: &str) -> (String, String) {
+        FakeAgent::register_with(server, name, json!({}))
+    }
+
+    fn register_with(server: &Server, name: &str, labels: Value) -> (String, String) {
+        let c = server.client();
+        let body = json!({"name": name, "hostname": "test", "version": "0", "plan_limit": 2, "labels": labels});
+        let (status, text) = c.raw(
+            "POST",
+            "/agents/register",
+            Some(REG_TOKEN),
+            Some(&body.to_string()),
+        );
+        assert_eq!(status, 200, "{text}");
+        let reg: Value = serde_json::from_str(&text).unwrap();
+        (
+            reg["agent_token"].as_str().unwrap().to_string(),
+            reg["agent_id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Opens a WebSocket at `path` with an agent token.
+    fn open(server: &Server, path: &str, token: &str) -> WebSocket<TcpStream> {
+        let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let uri = format!("ws://127.0.0.1:{}{path}", server.port)
+            .parse()
+            .unwrap();
+        let req =
+            ClientRequestBuilder::new(uri).with_header("Authorization", format!("Bearer {token}"));
+        tungstenite::client::client(req, stream)
+            .expect("handshake")
+            .0
+    }
+
+    /// Runs `task_id` as far as the server is concerned: accepted, reported running.
+    fn take(&mut self, server: &Server) -> String {
+        let id = server
+            .client()
+            .create_task(&json!({"action": "plan", "tf_json": {}}));
+        assert_eq!(self.command()["task_data"]["task_id"], id.as_str());
+        self.send(json!({"type": "task_accepted", "task_id": id}));
+        self.report_free(&[&id]);
+        id
+    }
+}
+
+#[test]
+fn a_broken_ws3_is_asked_for_again_and_no_line_is_doubled() {
+    let dir = TempDir::new("ws3-broken");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let (token, agent_id) = FakeAgent::register(&server, "streamer");
+    let ws = FakeAgent::open(&server, "/agent/control", &token);
+    let mut agent = FakeAgent { ws, agent_id };
+    agent.report_free(&[]);
+    let id = agent.take(&server);
+    let viewer = Viewer::connect(&server, &id, false);
+    assert_eq!(
+        agent.command(),
+        json!({"command": "start_realtime_stream", "task_id": id})
+    );
+    let path = format!("/agent/stream/{id}");
+    let mut ws3 = FakeAgent::open(&server, &path, &token);
+    for i in 0..5 {
+        ws3.send(Message::text(format!("line {i}"))).unwrap();
+    }
+    viewer.wait_lines(5, Duration::from_secs(10));
+    drop(ws3); // broken: no close frame
+               // The server asks again; the new stream starts from the first line.
+    assert_eq!(
+        agent.command(),
+        json!({"command": "start_realtime_stream", "task_id": id})
+    );
+    let mut ws3 = FakeAgent::open(&server, &path, &token);
+    for i in 0..10 {
+        ws3.send(Message::text(format!("line {i}"))).unwrap();
+    }
+    viewer.wait_lines(10, Duration::from_secs(10));
+    let expected: Vec<String> = (0..10).map(|i| format!("line {i}")).collect();
+    assert_eq!(viewer.texts(), expected);
+    // The viewer leaves: the agent is told to stop, and WS 3 is closed by the server too.
+    viewer.leave();
+    assert_eq!(
+        agent.command(),
+        json!({"command": "stop_realtime_stream", "task_id": id})
+    );
+    let close = loop {
+        match ws3.read() {
+            Ok(Message::Close(f)) => break f,
+            Ok(_) => {}
+            Err(e) => panic!("expected a close, got {e}"),
+        }
+    };
+    assert_eq!(close.unwrap().reason.as_str(), "nobody is watching");
+}
+
+#[test]
+fn viewers_wait_while_ws1_is_down_and_the_stream_starts_when_the_agent_is_back() {
+    let dir = TempDir::new("ws1-down");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let (token, _) = FakeAgent::register(&server, "flaky");
+    let connect = || {
+        let ws = FakeAgent::open(&server, "/agent/control", &token);
+        FakeAgent {
+            ws,
+            agent_id: String::new(),
+        }
+    };
+    let mut agent = connect();
+    agent.report_free(&[]);
+    let id = agent.take(&server);
+    drop(agent); // WS 1 down, the task still runs on the agent
+    wait_for("offline", Duration::from_secs(10), || {
+        server
+            .client()
+            .agents()
+            .into_iter()
+            .find(|a| a["name"] == "flaky" && a["online"] == false)
+    });
+    let viewer = Viewer::connect(&server, &id, true);
+    let mut agent = connect();
+    agent.report_free(&[&id]);
+    assert_eq!(
+        agent.command(),
+        json!({"command": "start_realtime_stream", "task_id": id})
+    );
+    let mut ws3 = FakeAgent::open(&server, &format!("/agent/stream/{id}"), &token);
+    ws3.send(Message::text("hello")).unwrap();
+    viewer.wait_lines(1, Duration::from_secs(10));
+    assert_eq!(viewer.texts(), ["hello"]);
+    // Another agent may not open a stream of this task.
+    let (other, _) = FakeAgent::register(&server, "other");
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let uri = format!("ws://127.0.0.1:{}/agent/stream/{id}", server.port)
+        .parse()
+        .unwrap();
+    let req =
+        ClientRequestBuilder::new(uri).with_header("Authorization", format!("Bearer {other}"));
+    match tungstenite::client::client(req, stream) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            assert_eq!(resp.status(), 403)
+        }
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
 }
