@@ -136,10 +136,23 @@ pub struct TaskData {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum ServerMsg {
-    RunTask { task_data: TaskData },
-    StartRealtimeStream { task_id: String },
-    StopRealtimeStream { task_id: String },
-    CancelTask { task_id: String },
+    RunTask {
+        task_data: TaskData,
+    },
+    StartRealtimeStream {
+        task_id: String,
+    },
+    StopRealtimeStream {
+        task_id: String,
+    },
+    CancelTask {
+        task_id: String,
+    },
+    /// Extension: the server stored every agent event up to `seq` (the agent's outbox
+    /// number, sent as a `seq` field beside the event's own fields).
+    Ack {
+        seq: u64,
+    },
 }
 
 /// `POST /agents/register` body.
@@ -161,6 +174,13 @@ pub struct RegisterResponse {
     pub agent_id: String,
     pub agent_token: String,
     pub heartbeat_interval_ms: u64,
+    /// WebSocket ping interval the agent should use (extension; default 20 s).
+    #[serde(default = "default_ping_ms")]
+    pub ping_interval_ms: u64,
+}
+
+fn default_ping_ms() -> u64 {
+    20_000
 }
 
 /// `POST /api/tasks` body. `tf_json` and `variables` may be objects or strings that
@@ -292,6 +312,11 @@ pub fn error_message(body: &str) -> String {
         .map(|e| e.error)
         .unwrap_or_else(|_| body.chars().take(200).collect())
 }
+
+/// Log upload header (extension): the hex SHA-256 of the body, checked by the server.
+pub const SHA256_HEADER: &str = "X-IAC-Content-SHA256";
+/// Log upload header (extension): the size of the whole log, checked by the server.
+pub const LENGTH_HEADER: &str = "X-IAC-Log-Length";
 
 /// The line a live viewer sees between the plan phase's lines and the apply phase's.
 pub const APPLY_MARKER: &str = "--- apply ---";

@@ -206,6 +206,27 @@ pub trait Peer {
     }
 }
 
+/// Transport-level liveness: a ping every `every`, and the connection counts as dead
+/// when nothing at all (a frame, a pong) has come from the peer for `dead_after`. This
+/// keeps idle connections alive through proxies that drop them (nginx and cloud load
+/// balancers at 60 s) and detects a peer that vanished without closing (a stalled
+/// network keeps the socket open forever otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub every: Duration,
+    pub dead_after: Duration,
+}
+
+impl Keepalive {
+    /// Pings every `every`; dead after two intervals without an answer.
+    pub fn every(every: Duration) -> Keepalive {
+        Keepalive {
+            every,
+            dead_after: every * 2,
+        }
+    }
+}
+
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
@@ -214,6 +235,8 @@ pub enum End {
     Closed(Option<(u16, String)>),
     /// We closed, with this reason.
     WeClosed(String),
+    /// Nothing came from the peer for this long: given up as dead.
+    Silent(Duration),
 }
 
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -223,10 +246,13 @@ pub fn run<S: Transport>(
     ws: &mut WebSocket<S>,
     inbox: &Inbox,
     tick: Duration,
+    keepalive: Option<Keepalive>,
     peer: &mut dyn Peer,
 ) -> Result<End, WsError> {
     ws.get_ref().tcp().set_nonblocking(true)?;
     let mut next_tick = Instant::now() + tick;
+    let mut last_rx = Instant::now();
+    let mut next_ping = keepalive.map(|k| Instant::now() + k.every);
     let mut out: Vec<String> = Vec::new();
     // Set once we started a close: (reason, give-up time).
     let mut closing: Option<(String, Instant)> = None;
@@ -236,7 +262,11 @@ pub fn run<S: Transport>(
     loop {
         // Inbound: everything the socket has.
         loop {
-            match ws.read() {
+            let read = ws.read();
+            if read.is_ok() {
+                last_rx = Instant::now();
+            }
+            match read {
                 Ok(Message::Text(text)) => {
                     if closing.is_none() && !peer_closed {
                         let flow = peer.on_text(text.as_str(), &mut out);
@@ -270,6 +300,23 @@ pub fn run<S: Transport>(
         if let Some((reason, give_up)) = &closing {
             if now >= *give_up {
                 return Ok(End::WeClosed(reason.clone()));
+            }
+        }
+        if let Some(k) = keepalive {
+            let silent = now.duration_since(last_rx);
+            if silent >= k.dead_after {
+                return Ok(End::Silent(silent));
+            }
+            if next_ping.is_some_and(|p| now >= p) && closing.is_none() && !peer_closed {
+                next_ping = Some(now + k.every);
+                match ws.write(Message::Ping(Vec::new().into())) {
+                    Ok(()) => {}
+                    Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
+                        return Ok(end_of(closing, &peer_frame))
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
 
@@ -330,6 +377,9 @@ pub fn run<S: Transport>(
         let mut deadline = next_tick;
         if let Some((_, give_up)) = &closing {
             deadline = deadline.min(*give_up);
+        }
+        if let (Some(k), Some(p)) = (keepalive, next_ping) {
+            deadline = deadline.min(p).min(last_rx + k.dead_after);
         }
         let timeout =
             Timespec::try_from(deadline.saturating_duration_since(now)).unwrap_or(Timespec {
@@ -476,7 +526,13 @@ mod tests {
         let (mbox, inbox) = mailbox().unwrap();
         let h = thread::spawn(move || {
             let mut echo = Echo { ticks: 0 };
-            run(&mut server, &inbox, Duration::from_secs(3600), &mut echo)
+            run(
+                &mut server,
+                &inbox,
+                Duration::from_secs(3600),
+                None,
+                &mut echo,
+            )
         });
         client.send(Message::text("hello")).unwrap();
         assert_eq!(client.read().unwrap(), Message::text("HELLO"));
@@ -499,7 +555,13 @@ mod tests {
         let (mbox, inbox) = mailbox().unwrap();
         let h = thread::spawn(move || {
             let mut echo = Echo { ticks: 0 };
-            run(&mut server, &inbox, Duration::from_secs(3600), &mut echo)
+            run(
+                &mut server,
+                &inbox,
+                Duration::from_secs(3600),
+                None,
+                &mut echo,
+            )
         });
         drop(mbox);
         match client.read().unwrap() {
@@ -516,7 +578,13 @@ mod tests {
         let (mbox, inbox) = mailbox().unwrap();
         let h = thread::spawn(move || {
             let mut echo = Echo { ticks: 0 };
-            run(&mut server, &inbox, Duration::from_secs(3600), &mut echo)
+            run(
+                &mut server,
+                &inbox,
+                Duration::from_secs(3600),
+                None,
+                &mut echo,
+            )
         });
         // The client never reads: kernel buffers, then tungstenite's, then the bound fill.
         let line = "x".repeat(1000);
@@ -541,6 +609,41 @@ mod tests {
         drop(client);
     }
 
+    #[test]
+    fn pings_keep_a_peer_alive_and_silence_ends_the_loop() {
+        let (mut server, mut client) = pair();
+        let (_mbox, inbox) = mailbox().unwrap();
+        let k = Keepalive::every(Duration::from_millis(50));
+        let h = thread::spawn(move || {
+            let mut echo = Echo { ticks: 0 };
+            run(
+                &mut server,
+                &inbox,
+                Duration::from_secs(3600),
+                Some(k),
+                &mut echo,
+            )
+        });
+        // A client that reads (and so answers pings) keeps the connection up.
+        let start = Instant::now();
+        let mut pings = 0;
+        while start.elapsed() < Duration::from_millis(400) {
+            if let Message::Ping(_) = client.read().unwrap() {
+                pings += 1;
+            }
+        }
+        assert!(pings >= 3, "{pings} pings");
+        assert!(!h.is_finished());
+        // A client that stops answering is given up within two intervals (and a bit).
+        let stopped = Instant::now();
+        let end = h.join().unwrap().unwrap();
+        assert!(
+            matches!(end, End::Silent(d) if d >= k.dead_after),
+            "{end:?}"
+        );
+        assert!(stopped.elapsed() < Duration::from_secs(2));
+    }
+
     /// Sends "tick" on every tick.
     struct Ticker;
 
@@ -558,8 +661,15 @@ mod tests {
     fn ticks_fire_and_peer_close_ends_the_loop() {
         let (mut server, mut client) = pair();
         let (_mbox, inbox) = mailbox().unwrap();
-        let h =
-            thread::spawn(move || run(&mut server, &inbox, Duration::from_millis(10), &mut Ticker));
+        let h = thread::spawn(move || {
+            run(
+                &mut server,
+                &inbox,
+                Duration::from_millis(10),
+                None,
+                &mut Ticker,
+            )
+        });
         for _ in 0..3 {
             assert_eq!(client.read().unwrap(), Message::text("tick"));
         }

@@ -14,7 +14,7 @@ use super::scheduler::Admission;
 use super::{runner, streamer, Credentials, Ctx, Error};
 use crate::protocol::{valid_task_id, AgentMsg, RegisterRequest, RegisterResponse, ServerMsg};
 use crate::util::Backoff;
-use crate::wsloop::{self, Flow, Inbox, Peer};
+use crate::wsloop::{self, Flow, Inbox, Keepalive, Peer};
 
 /// A WS 1 session that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(30);
@@ -50,9 +50,18 @@ pub(crate) fn run(ctx: Arc<Ctx>, inbox: Inbox) -> Result<(), Error> {
                     creds.agent_id
                 );
                 let started = Instant::now();
+                ctx.connection_changed();
                 let mut peer = ServerPeer { ctx: ctx.clone() };
-                let end = send_state(&ctx, &mut ws)
-                    .and_then(|()| wsloop::run(&mut ws, &inbox, creds.heartbeat, &mut peer));
+                let end = send_state(&ctx, &mut ws).and_then(|()| {
+                    wsloop::run(
+                        &mut ws,
+                        &inbox,
+                        creds.heartbeat,
+                        Some(Keepalive::every(creds.ping_interval)),
+                        &mut peer,
+                    )
+                });
+                ctx.connection_changed();
                 match end {
                     Ok(end) => log::warn!("C&C connection ended: {end:?}"),
                     Err(e) => log::warn!("C&C connection broke: {e}"),
@@ -109,6 +118,7 @@ fn register(ctx: &Ctx) -> Result<Credentials, RegisterError> {
                 agent_id: r.agent_id,
                 token: r.agent_token,
                 heartbeat: Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 600_000)),
+                ping_interval: Duration::from_millis(r.ping_interval_ms.clamp(100, 600_000)),
             })
         }
         408 | 429 | 500..=599 => Err(RegisterError::Retry(format!("{status}: {text}"))),
@@ -252,6 +262,7 @@ impl ServerPeer {
             }
             ServerMsg::StartRealtimeStream { task_id } => streamer::start(ctx, &task_id),
             ServerMsg::StopRealtimeStream { task_id } => streamer::stop(ctx, &task_id),
+            ServerMsg::Ack { seq } => ctx.ack(seq),
         }
     }
 }

@@ -5,12 +5,15 @@
 //!   socket; everyone else reaches it through the [`Mailbox`] in [`Ctx`].
 //! - **workers** ([`runner::run_task`]): one thread per running task (plans run
 //!   concurrently up to the limit; an apply runs alone, as the [`scheduler`] decides).
-//!   Each uploads its phase logs ([`uploader`]) and reports through the mailbox.
+//!   Each puts its log uploads and events into the on-disk [`outbox`].
+//! - **outbox deliverer** ([`outbox::run`]): hands the outbox to the server in order,
+//!   uploads over HTTP ([`uploader`]) and events over WS 1, each kept until confirmed.
 //! - **streamers** ([`streamer`]): only while somebody watches a task, one thread opens
 //!   WS 3 and sends the task's log files line by line as Terraform writes them.
 //! - **cancel timers**: a short-lived thread per cancel, to SIGKILL after the grace period.
 
 pub(crate) mod control;
+pub(crate) mod outbox;
 pub(crate) mod runner;
 pub(crate) mod scheduler;
 pub(crate) mod streamer;
@@ -19,8 +22,8 @@ pub(crate) mod uploader;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::cli::{FlagSpec, Flags};
@@ -199,6 +202,7 @@ pub(crate) struct Credentials {
     pub agent_id: String,
     pub token: String,
     pub heartbeat: Duration,
+    pub ping_interval: Duration,
 }
 
 /// What the C&C thread and the workers share.
@@ -207,6 +211,12 @@ pub(crate) struct Ctx {
     pub http: ureq::Agent,
     pub scheduler: scheduler::Scheduler,
     pub mailbox: Mailbox,
+    pub outbox: outbox::Outbox,
+    /// The highest outbox sequence number the server acknowledged.
+    pub acked: AtomicU64,
+    ack_signal: (Mutex<()>, Condvar),
+    /// Counts WS 1 connections: odd while one is up, even while down.
+    pub connection: AtomicU64,
     credentials: Mutex<Option<Credentials>>,
     tasks: Mutex<HashMap<String, Arc<runner::TaskHandle>>>,
     streams: Mutex<HashMap<String, Arc<AtomicBool>>>,
@@ -236,10 +246,39 @@ impl Ctx {
         lock(&self.streams)
     }
 
-    /// Queues an event for the server. Events wait in the mailbox while WS 1 is down.
-    pub fn report(&self, msg: &crate::protocol::AgentMsg) {
-        let text = serde_json::to_string(msg).expect("an event always serializes");
-        self.mailbox.send_text(text);
+    /// Puts what the server is owed into the outbox (on disk, delivered in order).
+    pub fn owe(&self, entry: outbox::Entry) {
+        if let Err(e) = self.outbox.push(&entry) {
+            // The disk refused it: still try to say it now rather than not at all.
+            log::error!("cannot write to the outbox ({e}): sending {entry:?} without a safety net");
+            if let outbox::Entry::Event { event } = entry {
+                self.mailbox
+                    .send_text(serde_json::to_string(&event).expect("an event always serializes"));
+            }
+        }
+    }
+
+    /// The server acknowledged every event up to `seq`.
+    pub fn ack(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::SeqCst);
+        let _guard = lock(&self.ack_signal.0);
+        self.ack_signal.1.notify_all();
+    }
+
+    /// Waits (at most `timeout`) for an ack of `seq` or a change of connection.
+    pub fn wait_ack(&self, seq: u64, timeout: Duration) {
+        let guard = lock(&self.ack_signal.0);
+        if self.acked.load(Ordering::SeqCst) >= seq {
+            return;
+        }
+        let _ = self.ack_signal.1.wait_timeout(guard, timeout);
+    }
+
+    /// WS 1 went up or down: wake the deliverer.
+    pub fn connection_changed(&self) {
+        self.connection.fetch_add(1, Ordering::SeqCst);
+        let _guard = lock(&self.ack_signal.0);
+        self.ack_signal.1.notify_all();
     }
 }
 
@@ -264,7 +303,13 @@ pub fn run(config: Config) -> Result<(), Error> {
     );
     let (mailbox, inbox) =
         wsloop::mailbox().map_err(|e| Error::Io("cannot create the C&C mailbox".into(), e))?;
+    let outbox = outbox::Outbox::open(&config.work_dir.join("outbox"))
+        .map_err(|e| Error::Io("cannot open the outbox".into(), e))?;
     let ctx = Arc::new(Ctx {
+        outbox,
+        acked: AtomicU64::new(0),
+        ack_signal: (Mutex::new(()), Condvar::new()),
+        connection: AtomicU64::new(0),
         scheduler: scheduler::Scheduler::new(config.plan_limit),
         config,
         http,
@@ -280,6 +325,17 @@ pub fn run(config: Config) -> Result<(), Error> {
         ctx.config.plan_limit,
         ctx.config.labels
     );
+    if ctx.outbox.len() > 0 {
+        log::info!(
+            "{} undelivered reports from an earlier run are in the outbox",
+            ctx.outbox.len()
+        );
+    }
+    let deliverer = ctx.clone();
+    std::thread::Builder::new()
+        .name("outbox".into())
+        .spawn(move || outbox::run(deliverer))
+        .map_err(|e| Error::Io("cannot start the outbox deliverer".into(), e))?;
     control::run(ctx, inbox)
 }
 

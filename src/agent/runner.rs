@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use rustix::process::{kill_process_group, Pid, Signal};
 
-use super::{uploader, Ctx};
+use super::outbox::Entry;
+use super::Ctx;
 use crate::protocol::{Action, AgentMsg, FinalStatus, Phase, TaskData};
 use crate::wsloop::Outgoing;
 
@@ -265,18 +266,21 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &TaskHandle) {
         last_code = code;
         handle.progress().done.push(phase);
         log::info!("{id}: {} phase ended with code {code}", phase.as_str());
-        if let Err(e) = uploader::upload(ctx, &id, phase, &path) {
-            log::error!("{id}: the {} log was not archived: {e}", phase.as_str());
-        }
+        ctx.owe(Entry::Upload {
+            task_id: id.clone(),
+            phase,
+        });
         if handle.is_canceled() {
             // No `phase_finished`: `task_finished(canceled)` marks the interrupted phase
             // `canceled` rather than `failed`.
             break;
         }
-        ctx.report(&AgentMsg::PhaseFinished {
-            task_id: id.clone(),
-            phase,
-            exit_code: code,
+        ctx.owe(Entry::Event {
+            event: AgentMsg::PhaseFinished {
+                task_id: id.clone(),
+                phase,
+                exit_code: code,
+            },
         });
         if code != 0 && i + 1 < phases.len() {
             break;
@@ -295,10 +299,12 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &TaskHandle) {
         }
     }
     log::info!("{id}: {status}");
-    ctx.report(&AgentMsg::TaskFinished {
-        task_id: id.clone(),
-        status,
-        exit_code: Some(last_code),
+    ctx.owe(Entry::Event {
+        event: AgentMsg::TaskFinished {
+            task_id: id.clone(),
+            status,
+            exit_code: Some(last_code),
+        },
     });
     handle.progress().finished = true;
     ctx.tasks().remove(&id);

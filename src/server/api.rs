@@ -338,6 +338,7 @@ fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
             agent_id,
             agent_token: token,
             heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
+            ping_interval_ms: shared.config.ping_interval.as_millis() as u64,
         },
     )))
 }
@@ -561,13 +562,32 @@ fn upload_log(shared: &Shared, req: &mut Req<'_>, id: &str) -> Handled {
         ));
     }
     let len = req.body_len;
+    if let Some(announced) = req.head.header(crate::protocol::LENGTH_HEADER) {
+        if announced.trim().parse::<u64>().ok() != Some(len) {
+            return Err(Response::error(
+                422,
+                format!(
+                    "the log is {announced} bytes by {}, but the body is {len}",
+                    crate::protocol::LENGTH_HEADER
+                ),
+            ));
+        }
+    }
+    let sha256 = req
+        .head
+        .header(crate::protocol::SHA256_HEADER)
+        .map(str::to_string);
     let mut body = req
         .conn
         .body(len)
         .map_err(|e| Response::error(400, format!("could not read the body: {e}")))?;
-    let saved = shared
-        .store
-        .save_log(id, phase, &mut body as &mut dyn Read, len);
+    let saved = shared.store.save_log(
+        id,
+        phase,
+        &mut body as &mut dyn Read,
+        len,
+        sha256.as_deref(),
+    );
     req.body_read = true;
     match saved {
         Ok(n) => {
@@ -582,6 +602,7 @@ fn upload_log(shared: &Shared, req: &mut Req<'_>, id: &str) -> Handled {
             req.body_read = false;
             Err(Response::error(400, format!("the upload broke off: {e}")))
         }
+        Err(StoreError::Mismatch(msg)) => Err(Response::error(422, msg)),
         Err(e) => {
             req.body_read = false;
             Err(internal(e))

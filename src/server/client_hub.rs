@@ -315,7 +315,13 @@ pub(crate) fn serve<S: Transport>(
         ended_at: None,
     };
     peer.check();
-    let end = wsloop::run(&mut ws, &inbox, Duration::from_secs(1), &mut peer);
+    let end = wsloop::run(
+        &mut ws,
+        &inbox,
+        Duration::from_secs(1),
+        Some(shared.keepalive()),
+        &mut peer,
+    );
     log::debug!("viewer of {task_id} left: {end:?}");
     let unwatched = shared.hub().unsubscribe(&task_id, viewer);
     if let Some(u) = unwatched {

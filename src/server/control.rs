@@ -11,7 +11,7 @@ use tungstenite::WebSocket;
 use super::lifecycle::{Change, Refusal};
 use super::store::AgentRow;
 use super::Shared;
-use crate::protocol::{valid_task_id, AgentMsg, ServerMsg};
+use crate::protocol::{valid_task_id, AgentMsg, ServerMsg, TaskStatus};
 use crate::util::now_rfc3339;
 use crate::wsloop::{self, Flow, Outgoing, Peer, Transport};
 
@@ -62,8 +62,16 @@ pub(crate) fn serve<S: Transport>(
         last_rx: Instant::now(),
         silence_limit: heartbeat * 3,
     };
-    let end = wsloop::run(&mut ws, &inbox, heartbeat, &mut peer);
-    let released = shared.registry().disconnect(&agent.agent_id, conn_id);
+    let end = wsloop::run(
+        &mut ws,
+        &inbox,
+        heartbeat,
+        Some(shared.keepalive()),
+        &mut peer,
+    );
+    let released = shared
+        .registry()
+        .disconnect(&agent.agent_id, conn_id, Instant::now());
     if let Err(e) = shared.store.set_last_seen(&agent.agent_id, &now_rfc3339()) {
         log::error!("store: {e}");
     }
@@ -99,6 +107,46 @@ impl AgentPeer {
         }));
     }
 
+    /// The agent says it runs `running`. A task the store still has queued for it was
+    /// accepted (the message was lost with a connection); one that ended, was lost, or
+    /// belongs to no one or to another agent must stop there.
+    fn reconcile(&self, running: &[String], now: &str, out: &mut Vec<String>) {
+        let agent = self.agent_id.as_str();
+        for task_id in running {
+            if !valid_task_id(task_id) {
+                continue;
+            }
+            let rec = match self.shared.store.task(task_id) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    log::error!("store: {e}");
+                    continue;
+                }
+            };
+            match rec {
+                Some(r)
+                    if r.status == TaskStatus::Running && r.agent_id.as_deref() == Some(agent) => {}
+                Some(r) if r.status == TaskStatus::Queued => {
+                    let accepted = self
+                        .shared
+                        .store
+                        .update_task(task_id, |t| t.accept(agent, now));
+                    if let Ok(Some((Ok(Change::Changed), rec))) = accepted {
+                        log::info!("task {task_id} running on {agent} (reconciled)");
+                        super::client_hub::kick_stream(&self.shared, &rec);
+                    }
+                }
+                other => {
+                    let why = other.map_or("unknown".to_string(), |r| r.status.to_string());
+                    log::warn!(
+                        "agent {agent} runs {task_id}, which is {why} here: canceling it there"
+                    );
+                    self.cancel(task_id, out);
+                }
+            }
+        }
+    }
+
     fn on_msg(&mut self, msg: AgentMsg, out: &mut Vec<String>) {
         let shared = &self.shared;
         let agent = self.agent_id.as_str();
@@ -117,6 +165,7 @@ impl AgentPeer {
         }
         let result = match msg {
             AgentMsg::State { state, running } => {
+                self.reconcile(&running, &now, out);
                 if shared
                     .registry()
                     .report(agent, self.conn_id, state, running, &now)
@@ -204,13 +253,20 @@ fn log_refusal(
 impl Peer for AgentPeer {
     fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Flow {
         self.last_rx = Instant::now();
-        match serde_json::from_str::<AgentMsg>(text) {
+        let value = serde_json::from_str::<serde_json::Value>(text);
+        let seq = value.as_ref().ok().and_then(|v| v.get("seq")?.as_u64());
+        match value.and_then(serde_json::from_value::<AgentMsg>) {
             Ok(msg) => self.on_msg(msg, out),
             // An agent newer than this server may send messages it does not know yet.
             Err(e) => log::warn!(
                 "agent {} sent a message this server cannot read: {e}",
                 self.agent_id
             ),
+        }
+        // The event is stored (or could never be): the agent may forget it. An event
+        // that is not acknowledged would block the agent's outbox forever.
+        if let Some(seq) = seq {
+            out.push(command(&ServerMsg::Ack { seq }));
         }
         Flow::Continue
     }

@@ -183,6 +183,27 @@ impl TaskRecord {
         Ok(Change::Changed)
     }
 
+    /// The agent vanished with the task and did not come back within the grace period.
+    /// Nothing is re-run: the task ends `lost`.
+    pub(crate) fn lose(&mut self, now: &str) -> Outcome {
+        if self.status != TaskStatus::Running {
+            return Ok(Change::Unchanged);
+        }
+        self.status = TaskStatus::Lost;
+        self.finished_at = Some(now.to_string());
+        for p in self.phases.values_mut() {
+            match p.status {
+                PhaseStatus::Pending => p.status = PhaseStatus::Skipped,
+                PhaseStatus::Running => {
+                    p.status = PhaseStatus::Failed;
+                    p.finished_at = Some(now.to_string());
+                }
+                _ => {}
+            }
+        }
+        Ok(Change::Changed)
+    }
+
     /// A client asked to cancel. A queued task ends here; a running one needs its agent
     /// (`Ok(Unchanged)`: send `cancel_task`, the agent reports `canceled`).
     pub(crate) fn cancel(&mut self, now: &str) -> Outcome {
@@ -334,6 +355,27 @@ mod tests {
             p.finish_phase("A-1", Phase::Apply, 0, "t"),
             Err(Refusal::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn a_lost_task_stays_lost() {
+        let mut r = apply_task();
+        assert_eq!(
+            r.lose("t"),
+            Ok(Change::Unchanged),
+            "a queued task cannot be lost"
+        );
+        r.accept("A-1", "t1").unwrap();
+        assert_eq!(r.lose("t2"), Ok(Change::Changed));
+        assert_eq!(r.status, TaskStatus::Lost);
+        assert_eq!(status(&r, "plan"), PhaseStatus::Failed);
+        assert_eq!(status(&r, "apply"), PhaseStatus::Skipped);
+        // The agent coming back late with a result changes nothing.
+        assert_eq!(
+            r.finish("A-1", FinalStatus::Succeeded, Some(0), "t3"),
+            Ok(Change::Unchanged)
+        );
+        assert_eq!(r.status, TaskStatus::Lost);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!   connection; a WS 1 upgrade turns the thread into that agent's C&C owner
 //!   ([`control::serve`]), which sleeps in `poll(2)` and wakes on the agent's frames or
 //!   on its [`Mailbox`](crate::wsloop::Mailbox).
+//! - **reaper** ([`reaper::run`]): once a second, marks `lost` the running tasks whose
+//!   agent stayed offline past the grace period.
 //! - **dispatcher** ([`dispatch::run`]): wakes on a kick (`crossbeam` channel of `()`),
 //!   matches queued tasks to online agents, and drops `run_task` into their mailboxes.
 //!
@@ -25,6 +27,7 @@ pub(crate) mod control;
 pub(crate) mod dispatch;
 pub(crate) mod http;
 pub(crate) mod lifecycle;
+pub(crate) mod reaper;
 pub(crate) mod registry;
 pub(crate) mod store;
 pub(crate) mod stream;
@@ -49,6 +52,10 @@ pub struct Config {
     pub api_token: Option<String>,
     pub registration_token: Option<String>,
     pub heartbeat_interval: Duration,
+    /// WebSocket pings on every connection; a peer silent for two intervals is dead.
+    pub ping_interval: Duration,
+    /// A running task whose agent is offline this long is `lost`.
+    pub lost_grace: Duration,
     pub max_request_bytes: u64,
     pub max_log_bytes: u64,
     pub(crate) limits: http::Limits,
@@ -135,6 +142,18 @@ impl Config {
                 5000,
                 100..=600_000,
             )?),
+            ping_interval: Duration::from_millis(flags.number(
+                "--ping-interval-ms",
+                FLAGS,
+                20_000,
+                100..=600_000,
+            )?),
+            lost_grace: Duration::from_secs(flags.number(
+                "--lost-grace-s",
+                FLAGS,
+                300,
+                1..=(30 * 86_400),
+            )?),
             max_request_bytes: flags.number(
                 "--max-request-bytes",
                 FLAGS,
@@ -188,6 +207,10 @@ impl Shared {
     pub fn hub(&self) -> MutexGuard<'_, client_hub::Hub> {
         // Plain data updated in short steps, as the registry.
         self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn keepalive(&self) -> crate::wsloop::Keepalive {
+        crate::wsloop::Keepalive::every(self.config.ping_interval)
     }
 
     /// Asks the dispatcher to look at the queue.
@@ -247,6 +270,14 @@ pub fn run(config: Config) -> Result<(), Error> {
             .name("dispatch".into())
             .spawn(move || dispatch::run(shared, kicks))
             .map_err(io_err("cannot start the dispatcher".into()))?;
+    }
+    {
+        let shared = shared.clone();
+        let started = std::time::Instant::now();
+        thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || reaper::run(shared, started))
+            .map_err(io_err("cannot start the reaper".into()))?;
     }
     // Tasks queued before a restart are dispatched as soon as agents report in.
     shared.kick();

@@ -3,7 +3,7 @@
 //! (reservations). Plain data behind the server's one `Mutex`; no I/O here.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::dispatch::Candidate;
 use crate::protocol::{Action, AgentState, AgentView, Labels};
@@ -25,6 +25,8 @@ pub(crate) struct Online {
 pub(crate) struct Registry {
     agents: HashMap<String, Online>,
     next_conn: u64,
+    /// When each agent that was online since this server started went away.
+    offline_since: HashMap<String, Instant>,
 }
 
 impl Online {
@@ -65,16 +67,23 @@ impl Registry {
             last_seen: Instant::now(),
             last_seen_at: now.to_string(),
         };
+        self.offline_since.remove(agent_id);
         let old = self.agents.insert(agent_id.to_string(), online);
         (conn_id, old.map(|o| o.mailbox))
     }
 
     /// WS 1 `conn_id` ended. Returns the tasks reserved on it that were never accepted
     /// (they are still queued in the store, so dispatch will place them again).
-    pub fn disconnect(&mut self, agent_id: &str, conn_id: u64) -> Option<Vec<String>> {
+    pub fn disconnect(
+        &mut self,
+        agent_id: &str,
+        conn_id: u64,
+        now: Instant,
+    ) -> Option<Vec<String>> {
         match self.agents.get(agent_id) {
             Some(o) if o.conn_id == conn_id => {
                 let o = self.agents.remove(agent_id)?;
+                self.offline_since.insert(agent_id.to_string(), now);
                 Some(o.reserved.into_keys().collect())
             }
             _ => None,
@@ -142,6 +151,16 @@ impl Registry {
         c
     }
 
+    /// How long the agent has been offline, counting from `start` (the server's start)
+    /// for one not seen since; `None` while it is online.
+    pub fn offline_for(&self, agent_id: &str, start: Instant, now: Instant) -> Option<Duration> {
+        if self.agents.contains_key(agent_id) {
+            return None;
+        }
+        let since = self.offline_since.get(agent_id).copied().unwrap_or(start);
+        Some(now.saturating_duration_since(since))
+    }
+
     pub fn mailbox(&self, agent_id: &str) -> Option<Mailbox> {
         self.agents.get(agent_id).map(|o| o.mailbox.clone())
     }
@@ -199,10 +218,23 @@ mod tests {
         let (c1, _) = r.connect("A-1", Labels::new(), 1, mb1, "t");
         let (c2, old) = r.connect("A-1", Labels::new(), 1, mb2, "t");
         assert!(old.is_some());
-        assert!(r.disconnect("A-1", c1).is_none());
+        assert!(r.disconnect("A-1", c1, Instant::now()).is_none());
         assert!(!r.report("A-1", c1, state(0, 1, false), vec![], "t"));
         r.reserve("A-1", "T-9", Action::Apply);
-        assert_eq!(r.disconnect("A-1", c2), Some(vec!["T-9".to_string()]));
+        let start = Instant::now();
+        assert_eq!(r.offline_for("A-1", start, start), None);
+        assert_eq!(
+            r.disconnect("A-1", c2, start + Duration::from_secs(5)),
+            Some(vec!["T-9".to_string()])
+        );
         assert!(r.candidates().is_empty());
+        assert_eq!(
+            r.offline_for("A-1", start, start + Duration::from_secs(7)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            r.offline_for("A-never", start, start + Duration::from_secs(7)),
+            Some(Duration::from_secs(7))
+        );
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use sha2::{Digest, Sha256};
 
 use super::lifecycle::{Outcome, TaskRecord};
 use crate::protocol::{
@@ -25,6 +26,8 @@ pub(crate) enum StoreError {
     Db(rusqlite::Error),
     Io(io::Error),
     Corrupt(String),
+    /// An upload whose bytes do not match the checksum it came with.
+    Mismatch(String),
 }
 
 impl fmt::Display for StoreError {
@@ -33,6 +36,7 @@ impl fmt::Display for StoreError {
             StoreError::Db(e) => write!(f, "database: {e}"),
             StoreError::Io(e) => write!(f, "log archive: {e}"),
             StoreError::Corrupt(s) => write!(f, "stored data is damaged: {s}"),
+            StoreError::Mismatch(s) => write!(f, "{s}"),
         }
     }
 }
@@ -418,14 +422,16 @@ impl Store {
             .join(format!("{}.log", phase.as_str()))
     }
 
-    /// Writes a phase's log from `body` (exactly `len` bytes), durably, then records its
-    /// size. Replaces an earlier upload of the same phase.
+    /// Writes a phase's log from `body` (exactly `len` bytes, whose hex SHA-256 is
+    /// `sha256` when given), durably, then records its size. Replaces an earlier upload
+    /// of the same phase. A body that is short or does not match leaves nothing behind.
     pub fn save_log(
         &self,
         task_id: &str,
         phase: Phase,
         body: &mut dyn Read,
         len: u64,
+        sha256: Option<&str>,
     ) -> Result<u64> {
         let path = self.log_path(task_id, phase);
         let dir = path.parent().unwrap_or(&self.logs).to_path_buf();
@@ -435,24 +441,36 @@ impl Store {
             phase.as_str(),
             crate::util::hex(&crate::util::random_bytes(8)?)
         ));
-        let written = (|| -> io::Result<u64> {
-            let mut f = File::create(&tmp)?;
+        let written = (|| -> Result<u64> {
+            let mut f = HashingWriter {
+                file: File::create(&tmp)?,
+                hasher: Sha256::new(),
+            };
             let n = io::copy(&mut body.take(len), &mut f)?;
             if n != len {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("the body ended after {n} of {len} bytes"),
-                ));
+                )
+                .into());
             }
-            f.flush()?;
-            f.sync_all()?;
+            let got = crate::util::hex(&f.hasher.finalize());
+            if let Some(want) = sha256 {
+                if !got.eq_ignore_ascii_case(want.trim()) {
+                    return Err(StoreError::Mismatch(format!(
+                        "the log's SHA-256 is {got}, not {want} as announced: it was damaged on the way"
+                    )));
+                }
+            }
+            f.file.flush()?;
+            f.file.sync_all()?;
             Ok(n)
         })();
         let n = match written {
             Ok(n) => n,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                return Err(e.into());
+                return Err(e);
             }
         };
         fs::rename(&tmp, &path)?;
@@ -483,6 +501,24 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// A file writer that hashes what goes through it.
+struct HashingWriter {
+    file: File,
+    hasher: Sha256,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -613,7 +649,7 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         let t = s.create_task(&new_task(Action::Plan), "t0").unwrap();
         // A body shorter than announced leaves nothing behind.
-        let err = s.save_log(&t.task_id, Phase::Plan, &mut &b"short"[..], 100);
+        let err = s.save_log(&t.task_id, Phase::Plan, &mut &b"short"[..], 100, None);
         assert!(err.is_err());
         assert!(s.open_log(&t.task_id, Phase::Plan).unwrap().is_none());
         assert_eq!(
@@ -622,9 +658,17 @@ mod tests {
                 .count(),
             0
         );
-        s.save_log(&t.task_id, Phase::Plan, &mut &b"first"[..], 5)
+        s.save_log(&t.task_id, Phase::Plan, &mut &b"first"[..], 5, None)
             .unwrap();
-        s.save_log(&t.task_id, Phase::Plan, &mut &b"second!"[..], 7)
+        // A checksum that does not match keeps the earlier upload.
+        let bad = s.save_log(&t.task_id, Phase::Plan, &mut &b"second!"[..], 7, Some("00"));
+        assert!(matches!(bad, Err(StoreError::Mismatch(_))));
+        let (mut f, _) = s.open_log(&t.task_id, Phase::Plan).unwrap().unwrap();
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "first");
+        let sha = crate::util::hex(&Sha256::digest(b"second!"));
+        s.save_log(&t.task_id, Phase::Plan, &mut &b"second!"[..], 7, Some(&sha))
             .unwrap();
         let (mut f, len) = s.open_log(&t.task_id, Phase::Plan).unwrap().unwrap();
         let mut text = String::new();

@@ -36,6 +36,7 @@ pub(crate) fn serve<S: Transport>(
             &mut ws,
             &inbox,
             Duration::from_secs(3600),
+            None,
             &mut Relay::idle(),
         );
         return;
@@ -47,7 +48,13 @@ pub(crate) fn serve<S: Transport>(
         session,
         index: 0,
     };
-    let end = wsloop::run(&mut ws, &inbox, Duration::from_secs(3600), &mut relay);
+    let end = wsloop::run(
+        &mut ws,
+        &inbox,
+        Duration::from_secs(3600),
+        Some(shared.keepalive()),
+        &mut relay,
+    );
     let end_of_task =
         matches!(&end, Ok(End::Closed(Some((1000, reason)))) if reason == END_OF_TASK);
     log::debug!("live stream of {task_id} ended: {end:?}");

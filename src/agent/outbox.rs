@@ -1,0 +1,271 @@
+//! The outbox: what the agent owes the server, on disk, in order. A worker never talks
+//! to the server itself: it puts "upload this log" and "report this event" entries here
+//! and goes on. The deliverer thread ([`run`]) hands them over one at a time, oldest
+//! first, and removes an entry only once the server confirmed it (a 2xx for an upload,
+//! an `ack` on WS 1 for an event). So a server that is down, a network that is cut, or an
+//! agent restart loses nothing: delivery resumes where it stopped. The server treats
+//! every entry idempotently, so one delivered twice (sent, then the ack lost) is harmless.
+//!
+//! Layout: `WORK_DIR/outbox/<seq>.json`, each written to a temporary name, fsynced and
+//! renamed, so an entry is either whole or absent.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{uploader, Ctx};
+use crate::protocol::{AgentMsg, Phase};
+
+/// One thing owed to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Entry {
+    /// Upload the complete log of a phase.
+    Upload { task_id: String, phase: Phase },
+    /// Send an event on WS 1 and wait for its `ack`.
+    Event { event: AgentMsg },
+}
+
+pub(crate) struct Outbox {
+    dir: PathBuf,
+    next: Mutex<u64>,
+    added: Condvar,
+}
+
+fn seq_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+impl Outbox {
+    /// Opens the outbox in `dir`, keeping what an earlier run left there.
+    pub fn open(dir: &Path) -> io::Result<Outbox> {
+        fs::create_dir_all(dir)?;
+        let mut last = 0;
+        for e in fs::read_dir(dir)? {
+            let path = e?.path();
+            match seq_of(&path) {
+                Some(seq) => last = last.max(seq),
+                // A temporary file from a write that never finished: not an entry.
+                None => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(Outbox {
+            dir: dir.to_path_buf(),
+            next: Mutex::new(last + 1),
+            added: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.next.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds an entry durably; returns its sequence number.
+    pub fn push(&self, entry: &Entry) -> io::Result<u64> {
+        let mut next = self.lock();
+        let seq = *next;
+        let tmp = self.dir.join(format!(".{seq}.tmp"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(entry).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join(format!("{seq:020}.json")))?;
+        File::open(&self.dir)?.sync_all()?;
+        *next += 1;
+        self.added.notify_all();
+        Ok(seq)
+    }
+
+    /// The oldest entry, waiting up to `timeout` for one.
+    pub fn first(&self, timeout: Duration) -> io::Result<Option<(u64, Entry)>> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.lock();
+        loop {
+            if let Some(found) = self.oldest()? {
+                return Ok(Some(found));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            guard = self
+                .added
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn oldest(&self) -> io::Result<Option<(u64, Entry)>> {
+        let mut seqs: Vec<u64> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().and_then(|e| seq_of(&e.path())))
+            .collect();
+        seqs.sort_unstable();
+        for seq in seqs {
+            let path = self.path(seq);
+            match fs::read(&path).map(|b| serde_json::from_slice::<Entry>(&b)) {
+                Ok(Ok(entry)) => return Ok(Some((seq, entry))),
+                Ok(Err(e)) => {
+                    // Not ours to guess at: set it aside and say so.
+                    log::error!(
+                        "outbox entry {} is unreadable ({e}): moved aside",
+                        path.display()
+                    );
+                    let _ = fs::rename(&path, path.with_extension("bad"));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.json"))
+    }
+
+    /// The server has it: forget the entry.
+    pub fn remove(&self, seq: u64) -> io::Result<()> {
+        match fs::remove_file(self.path(seq)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// How many entries wait.
+    pub fn len(&self) -> usize {
+        fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().and_then(|e| seq_of(&e.path())))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// How long to wait for an `ack` before sending an event again.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// The deliverer thread: hands entries to the server in order, forever.
+pub(crate) fn run(ctx: Arc<Ctx>) {
+    loop {
+        let (seq, entry) = match ctx.outbox.first(Duration::from_secs(60)) {
+            Ok(Some(found)) => found,
+            Ok(None) => continue,
+            Err(e) => {
+                log::error!("cannot read the outbox: {e}");
+                std::thread::sleep(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let delivered = match &entry {
+            Entry::Upload { task_id, phase } => {
+                let path = super::runner::log_path(&ctx.config.work_dir, task_id, *phase);
+                match uploader::upload(&ctx, task_id, *phase, &path) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Refused for good (the task is gone, or not ours): nothing to retry.
+                        log::error!(
+                            "{task_id}: the {} log was not archived: {e}",
+                            phase.as_str()
+                        );
+                        true
+                    }
+                }
+            }
+            Entry::Event { event } => send_event(&ctx, seq, event),
+        };
+        if delivered {
+            if let Err(e) = ctx.outbox.remove(seq) {
+                log::error!("cannot remove outbox entry {seq}: {e}");
+            }
+        }
+    }
+}
+
+/// Sends an event on WS 1 (once per connection, again if no `ack` comes) until the
+/// server acknowledges `seq`.
+fn send_event(ctx: &Ctx, seq: u64, event: &AgentMsg) -> bool {
+    let mut text = serde_json::to_value(event).expect("an event always serializes");
+    text["seq"] = seq.into();
+    let text = text.to_string();
+    let mut sent_on: Option<u64> = None;
+    let mut sent_at = Instant::now();
+    loop {
+        if ctx.acked.load(Ordering::SeqCst) >= seq {
+            return true;
+        }
+        let conn = ctx.connection.load(Ordering::SeqCst);
+        let connected = conn % 2 == 1; // odd: a WS 1 is up
+        if connected && (sent_on != Some(conn) || sent_at.elapsed() >= ACK_WAIT) {
+            ctx.mailbox.send_text(text.clone());
+            sent_on = Some(conn);
+            sent_at = Instant::now();
+        }
+        ctx.wait_ack(seq, Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp() -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "iac-outbox-{}",
+            crate::util::hex(&crate::util::random_bytes(6).unwrap())
+        ))
+    }
+
+    #[test]
+    fn entries_come_back_in_order_and_survive_a_reopen() {
+        let dir = temp();
+        let ob = Outbox::open(&dir).unwrap();
+        let up = Entry::Upload {
+            task_id: "T-1".into(),
+            phase: Phase::Plan,
+        };
+        let ev = Entry::Event {
+            event: AgentMsg::TaskFinished {
+                task_id: "T-1".into(),
+                status: crate::protocol::FinalStatus::Succeeded,
+                exit_code: Some(0),
+            },
+        };
+        let s1 = ob.push(&up).unwrap();
+        let s2 = ob.push(&ev).unwrap();
+        assert!(s2 > s1);
+        assert_eq!(ob.first(Duration::ZERO).unwrap(), Some((s1, up.clone())));
+        ob.remove(s1).unwrap();
+        drop(ob);
+        // A half-written entry from a crash is not an entry.
+        fs::write(dir.join(".99.tmp"), "{").unwrap();
+        let ob = Outbox::open(&dir).unwrap();
+        assert_eq!(ob.len(), 1);
+        assert_eq!(ob.first(Duration::ZERO).unwrap(), Some((s2, ev)));
+        ob.remove(s2).unwrap();
+        assert_eq!(ob.first(Duration::from_millis(10)).unwrap(), None);
+        assert!(ob.push(&up).unwrap() > s2, "numbers are never reused");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_entry_is_set_aside() {
+        let dir = temp();
+        let ob = Outbox::open(&dir).unwrap();
+        fs::write(dir.join(format!("{:020}.json", 5)), "garbage").unwrap();
+        assert_eq!(ob.first(Duration::ZERO).unwrap(), None);
+        assert!(dir.join(format!("{:020}.bad", 5)).exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
