@@ -55,6 +55,10 @@ impl Flags {
 
     /// The last value of a flag, else its environment variable (unset or empty: none).
     pub fn value(&self, name: &str, table: &[FlagSpec]) -> Option<String> {
+        debug_assert!(
+            table.iter().any(|(f, _, _)| *f == name),
+            "{name} is read but not in the flag table"
+        );
         if let Some((_, v)) = self.values.iter().rev().find(|(n, _)| n == name) {
             return Some(v.clone());
         }
@@ -64,6 +68,7 @@ impl Flags {
 
     /// Every value of a repeatable flag, in order.
     pub fn values(&self, name: &str) -> Vec<String> {
+        debug_assert!(name.starts_with("--"));
         self.values
             .iter()
             .filter(|(n, _)| n == name)

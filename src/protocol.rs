@@ -130,6 +130,10 @@ pub struct TaskData {
     pub action: Action,
     pub tf_json: String,
     pub variables: String,
+    /// Extension: the agent stops the task (as a cancel does) after this many seconds
+    /// and reports it `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
 }
 
 /// Server → agent on WS 1, tagged by `command`.
@@ -193,7 +197,13 @@ pub struct CreateTask {
     pub variables: Option<serde_json::Value>,
     #[serde(default)]
     pub labels: Labels,
+    /// Extension: seconds the task may run (default: the server's `--task-timeout-s`).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
+
+/// The longest `timeout_s` a task may ask for: a week.
+pub const MAX_TIMEOUT_S: u64 = 7 * 86_400;
 
 /// A checked task request, ready to store.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +212,7 @@ pub struct NewTask {
     pub tf_json: String,
     pub variables: String,
     pub labels: Labels,
+    pub timeout_s: Option<u64>,
 }
 
 impl CreateTask {
@@ -219,11 +230,19 @@ impl CreateTask {
                 ));
             }
         }
+        if let Some(t) = self.timeout_s {
+            if !(1..=MAX_TIMEOUT_S).contains(&t) {
+                return Err(format!(
+                    "timeout_s must be from 1 to {MAX_TIMEOUT_S} seconds"
+                ));
+            }
+        }
         Ok(NewTask {
             action: self.action,
             tf_json,
             variables,
             labels: self.labels,
+            timeout_s: self.timeout_s,
         })
     }
 }
@@ -272,6 +291,9 @@ pub struct TaskView {
     pub finished_at: Option<String>,
     pub exit_code: Option<i32>,
     pub phases: BTreeMap<String, PhaseView>,
+    /// Extension: the seconds the task may run.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
 
 /// `GET /api/tasks` answer.
@@ -500,6 +522,7 @@ mod tests {
                 action: Action::Plan,
                 tf_json: "{}".into(),
                 variables: "{}".into(),
+                timeout_s: None,
             },
         })
         .unwrap();

@@ -14,6 +14,7 @@
 
 pub(crate) mod control;
 pub(crate) mod outbox;
+pub(crate) mod recovery;
 pub(crate) mod runner;
 pub(crate) mod scheduler;
 pub(crate) mod streamer;
@@ -325,6 +326,11 @@ pub fn run(config: Config) -> Result<(), Error> {
         ctx.config.plan_limit,
         ctx.config.labels
     );
+    match recovery::recover(&ctx) {
+        Ok(0) => {}
+        Ok(n) => log::warn!("{n} task(s) were interrupted by the agent's restart: reported failed"),
+        Err(e) => log::error!("cannot look for interrupted tasks: {e}"),
+    }
     if ctx.outbox.len() > 0 {
         log::info!(
             "{} undelivered reports from an earlier run are in the outbox",
@@ -352,6 +358,48 @@ mod tests {
         );
         let p = terraform_path(Some("./bin/tf".into())).unwrap();
         assert!(p.is_absolute() && p.ends_with("bin/tf"), "{}", p.display());
+    }
+
+    #[test]
+    fn config_from_flags() {
+        let parse = |args: &[&str]| {
+            let flags = Flags::parse(args.iter().map(|s| s.to_string()), FLAGS, &[])?;
+            Config::from_flags(&flags)
+        };
+        let c = parse(&[
+            "--server",
+            "http://h:1",
+            "--registration-token",
+            "t",
+            "--label",
+            "a=b",
+        ])
+        .unwrap();
+        assert_eq!(c.server.port, 1);
+        assert_eq!(c.labels.get("a").map(String::as_str), Some("b"));
+        assert_eq!(c.cancel_grace, Duration::from_secs(60));
+        assert!(c.plan_limit >= 1);
+        assert!(
+            parse(&["--registration-token", "t"]).is_err() || std::env::var("IAC_SERVER").is_ok()
+        );
+        assert!(parse(&[
+            "--server",
+            "http://h",
+            "--registration-token",
+            "t",
+            "--name",
+            "a/b"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "--server",
+            "http://h",
+            "--registration-token",
+            "t",
+            "--plan-limit",
+            "0"
+        ])
+        .is_err());
     }
 
     #[test]

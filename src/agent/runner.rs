@@ -14,7 +14,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use crate::wsloop::Outgoing;
 pub(crate) struct TaskHandle {
     pub action: Action,
     canceled: AtomicBool,
+    timed_out: AtomicBool,
     /// The process group of the running child, if any.
     child: Mutex<Option<i32>>,
     progress: Mutex<Progress>,
@@ -47,6 +48,7 @@ impl TaskHandle {
         TaskHandle {
             action,
             canceled: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
             child: Mutex::new(None),
             progress: Mutex::new(Progress::default()),
         }
@@ -74,6 +76,16 @@ impl TaskHandle {
                     signal_group(pgid, Signal::KILL);
                 }
             });
+    }
+
+    /// The task ran over its timeout: stopped as a cancel is, but it ends `failed`.
+    pub fn time_out(self: &std::sync::Arc<Self>, grace: Duration) {
+        self.timed_out.store(true, Ordering::SeqCst);
+        self.cancel(grace);
+    }
+
+    pub fn is_timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::SeqCst)
     }
 
     fn child(&self) -> std::sync::MutexGuard<'_, Option<i32>> {
@@ -228,8 +240,25 @@ fn run_phase(
 }
 
 /// The whole task, on its worker thread. Always ends with `task_finished`.
-pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &TaskHandle) {
+pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &Arc<TaskHandle>) {
     let id = task.task_id.clone();
+    // The timer ends when `_running` is dropped with this function.
+    let (_running, timer_rx) = crossbeam_channel::bounded::<()>(0);
+    if let Some(secs) = task.timeout_s {
+        let handle = handle.clone();
+        let grace = ctx.config.cancel_grace;
+        let id = id.clone();
+        let _ = thread::Builder::new()
+            .name("timeout".into())
+            .spawn(move || {
+                if timer_rx.recv_timeout(Duration::from_secs(secs))
+                    == Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                {
+                    log::warn!("{id} ran over its timeout of {secs} s: stopping it");
+                    handle.time_out(grace);
+                }
+            });
+    }
     let work = &ctx.config.work_dir;
     let dir = task_dir(work, &id);
     let phases: &[Phase] = match task.action {
@@ -264,6 +293,13 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &TaskHandle) {
             }
         };
         last_code = code;
+        if handle.is_timed_out() {
+            let secs = task.timeout_s.unwrap_or_default();
+            append_line(
+                &path,
+                &format!("--- the task ran over its timeout of {secs} s and was stopped ---"),
+            );
+        }
         handle.progress().done.push(phase);
         log::info!("{id}: {} phase ended with code {code}", phase.as_str());
         ctx.owe(Entry::Upload {
@@ -286,30 +322,51 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &TaskHandle) {
             break;
         }
     }
-    let status = if handle.is_canceled() {
+    let status = if handle.is_timed_out() {
+        FinalStatus::Failed
+    } else if handle.is_canceled() {
         FinalStatus::Canceled
     } else if last_code == 0 {
         FinalStatus::Succeeded
     } else {
         FinalStatus::Failed
     };
+    log::info!("{id}: {status}");
+    let finished = AgentMsg::TaskFinished {
+        task_id: id.clone(),
+        status,
+        exit_code: Some(last_code),
+    };
+    // The marker says "the final report is owed": a restart after this point reports it
+    // as it is, rather than as an interrupted task.
+    if let Ok(text) = serde_json::to_vec(&finished) {
+        let _ = fs::write(dir.join(FINISHED_MARKER), text);
+    }
+    ctx.owe(Entry::Event { event: finished });
     if let Err(e) = fs::remove_dir_all(&dir) {
         if e.kind() != io::ErrorKind::NotFound {
             log::warn!("{id}: cannot remove {}: {e}", dir.display());
         }
     }
-    log::info!("{id}: {status}");
-    ctx.owe(Entry::Event {
-        event: AgentMsg::TaskFinished {
-            task_id: id.clone(),
-            status,
-            exit_code: Some(last_code),
-        },
-    });
     handle.progress().finished = true;
     ctx.tasks().remove(&id);
     ctx.scheduler.finish(&id);
     ctx.mailbox.send(Outgoing::Nudge);
+}
+
+/// The file in a task directory that holds its `task_finished`, written just before it
+/// is put in the outbox.
+pub(crate) const FINISHED_MARKER: &str = ".iac-finished.json";
+
+/// Appends one line to a log (best effort: the log is what the user reads, not state).
+pub(crate) fn append_line(path: &Path, line: &str) {
+    let appended = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = appended {
+        log::warn!("cannot append to {}: {e}", path.display());
+    }
 }
 
 fn open_log(path: &Path) -> io::Result<File> {
@@ -372,6 +429,7 @@ mod tests {
             action: Action::Plan,
             tf_json: "{\"output\":{}}".into(),
             variables: "{\"a\":1}".into(),
+            timeout_s: None,
         };
         prepare(&dir, &task).unwrap();
         fs::write(dir.join("stale"), "x").unwrap();

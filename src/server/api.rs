@@ -411,7 +411,10 @@ fn viewer_upgrade(shared: &Shared, head: &Head, id: &str) -> Handled {
 fn create_task(shared: &Shared, req: &mut Req<'_>) -> Handled {
     client_auth(shared, req.head)?;
     let body: CreateTask = req.json_body(shared.config.max_request_bytes)?;
-    let task = body.normalize().map_err(|e| Response::error(400, e))?;
+    let mut task = body.normalize().map_err(|e| Response::error(400, e))?;
+    task.timeout_s = task
+        .timeout_s
+        .or(Some(shared.config.task_timeout.as_secs()));
     let rec = shared
         .store
         .create_task(&task, &now_rfc3339())

@@ -64,6 +64,7 @@ impl TaskRecord {
             finished_at: None,
             exit_code: None,
             phases,
+            timeout_s: None,
         }
     }
 

@@ -56,6 +56,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// A running task whose agent is offline this long is `lost`.
     pub lost_grace: Duration,
+    /// The timeout of a task that does not ask for one.
+    pub task_timeout: Duration,
     pub max_request_bytes: u64,
     pub max_log_bytes: u64,
     pub(crate) limits: http::Limits,
@@ -97,6 +99,21 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
         "--heartbeat-ms",
         "IAC_HEARTBEAT_MS",
         "agent heartbeat interval in ms (default 5000)",
+    ),
+    (
+        "--ping-interval-ms",
+        "IAC_PING_INTERVAL_MS",
+        "WebSocket ping interval in ms; a peer silent for 2 intervals is dead (default 20000)",
+    ),
+    (
+        "--lost-grace-s",
+        "IAC_LOST_GRACE_S",
+        "seconds a running task's agent may stay offline before the task is lost (default 300)",
+    ),
+    (
+        "--task-timeout-s",
+        "IAC_TASK_TIMEOUT_S",
+        "seconds a task may run unless it asks otherwise (timeout_s); then it fails (default 14400)",
     ),
     (
         "--max-request-bytes",
@@ -153,6 +170,12 @@ impl Config {
                 FLAGS,
                 300,
                 1..=(30 * 86_400),
+            )?),
+            task_timeout: Duration::from_secs(flags.number(
+                "--task-timeout-s",
+                FLAGS,
+                14_400,
+                1..=crate::protocol::MAX_TIMEOUT_S,
             )?),
             max_request_bytes: flags.number(
                 "--max-request-bytes",
@@ -305,5 +328,46 @@ fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {
         .spawn(move || api::serve_connection(shared, stream));
     if let Err(e) = spawned {
         log::error!("cannot start a connection thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let flags = Flags::parse(args.iter().map(|s| s.to_string()), FLAGS, &[])?;
+        Config::from_flags(&flags)
+    }
+
+    #[test]
+    fn defaults_and_every_flag_in_the_table() {
+        // Reading a flag that is not in the table fails a debug assertion: this covers all.
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.lost_grace, Duration::from_secs(300));
+        assert_eq!(c.ping_interval, Duration::from_secs(20));
+        let c = parse(&[
+            "--listen",
+            "0.0.0.0:0",
+            "--lost-grace-s",
+            "2",
+            "--task-timeout-s",
+            "60",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.listen.as_str(),
+                c.lost_grace.as_secs(),
+                c.task_timeout.as_secs()
+            ),
+            ("0.0.0.0:0", 2, 60)
+        );
+        assert!(parse(&["--heartbeat-ms", "0"])
+            .unwrap_err()
+            .contains("--heartbeat-ms"));
+        assert!(parse(&["--tls-cert", "x"]).unwrap_err().contains("TLS"));
+        assert!(parse(&["--api-token", " "]).unwrap_err().contains("empty"));
     }
 }

@@ -135,8 +135,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status, seq);
 ";
 
-const TASK_COLUMNS: &str =
-    "task_id, action, status, agent_id, labels, created_at, started_at, finished_at, exit_code, phases";
+const TASK_COLUMNS: &str = "task_id, action, status, agent_id, labels, created_at, started_at, finished_at, exit_code, phases, timeout_s";
 
 fn corrupt<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
     move |e| StoreError::Corrupt(format!("{what}: {e}"))
@@ -153,6 +152,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord>
     let started_at: Option<String> = row.get(6)?;
     let finished_at: Option<String> = row.get(7)?;
     let exit_code: Option<i32> = row.get(8)?;
+    let timeout_s: Option<i64> = row.get(10)?;
     Ok((|| {
         Ok(TaskRecord {
             action: serde_json::from_value(serde_json::Value::String(action))
@@ -167,6 +167,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord>
             started_at,
             finished_at,
             exit_code,
+            timeout_s: timeout_s.map(|t| t.max(0) as u64),
         })
     })())
 }
@@ -205,6 +206,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
             logs,
@@ -307,9 +309,10 @@ impl Store {
         let tx = db.transaction()?;
         let tmp = format!("new-{}", crate::util::hex(&crate::util::random_bytes(16)?));
         let mut rec = TaskRecord::new(tmp.clone(), task.action, task.labels.clone(), now);
+        rec.timeout_s = task.timeout_s;
         tx.execute(
-            "INSERT INTO tasks (task_id, action, status, labels, tf_json, variables, created_at, phases)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO tasks (task_id, action, status, labels, tf_json, variables, created_at, phases, timeout_s)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 tmp,
                 task.action.as_str(),
@@ -318,7 +321,8 @@ impl Store {
                 task.tf_json,
                 task.variables,
                 now,
-                to_json(&rec.phases)
+                to_json(&rec.phases),
+                task.timeout_s.map(|t| t as i64)
             ],
         )?;
         rec.task_id = format!("T-{:06}", tx.last_insert_rowid());
@@ -373,21 +377,23 @@ impl Store {
     pub fn task_data(&self, task_id: &str) -> Result<Option<TaskData>> {
         let db = self.db();
         db.query_row(
-            "SELECT action, tf_json, variables FROM tasks WHERE task_id = ?1",
+            "SELECT action, tf_json, variables, timeout_s FROM tasks WHERE task_id = ?1",
             [task_id],
             |row| {
                 let action: String = row.get(0)?;
-                Ok((action, row.get(1)?, row.get(2)?))
+                let timeout: Option<i64> = row.get(3)?;
+                Ok((action, row.get(1)?, row.get(2)?, timeout))
             },
         )
         .optional()?
-        .map(|(action, tf_json, variables)| {
+        .map(|(action, tf_json, variables, timeout)| {
             Ok(TaskData {
                 task_id: task_id.to_string(),
                 action: serde_json::from_value(serde_json::Value::String(action))
                     .map_err(corrupt("task action"))?,
                 tf_json,
                 variables,
+                timeout_s: timeout.map(|t| t.max(0) as u64),
             })
         })
         .transpose()
@@ -522,6 +528,24 @@ impl Write for HashingWriter {
     }
 }
 
+/// Columns added after the first release, for stores created before them.
+fn migrate(conn: &Connection) -> Result<()> {
+    let has = |table: &str, column: &str| -> Result<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            if n? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has("tasks", "timeout_s")? {
+        conn.execute_batch("ALTER TABLE tasks ADD COLUMN timeout_s INTEGER")?;
+    }
+    Ok(())
+}
+
 fn load_task(db: &Connection, task_id: &str) -> Result<Option<TaskRecord>> {
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?1");
     db.query_row(&sql, [task_id], task_from_row)
@@ -566,6 +590,7 @@ mod tests {
             tf_json: "{}".into(),
             variables: "{}".into(),
             labels: Labels::new(),
+            timeout_s: None,
         }
     }
 

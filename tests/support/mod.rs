@@ -521,3 +521,97 @@ pub fn expected_stream(client: &Client, task_id: &str) -> Vec<String> {
     }
     lines
 }
+
+/// A TCP proxy between an agent and the server, to cut, stall and restore the network.
+pub struct Proxy {
+    pub port: u16,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+const PASS: u8 = 0;
+const STALL: u8 = 1;
+const CUT: u8 = 2;
+
+impl Proxy {
+    /// Forwards connections on a new port to `target` on loopback.
+    pub fn start(target: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (m, c) = (mode.clone(), conns.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if m.load(Ordering::SeqCst) == CUT {
+                    continue; // dropped: the connection is refused in effect
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                {
+                    let mut list = c.lock().unwrap();
+                    list.push(client.try_clone().unwrap());
+                    list.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let m = m.clone();
+                    thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // While stalled, hold the bytes: the sockets stay open and silent.
+                            while m.load(Ordering::SeqCst) == STALL {
+                                thread::sleep(Duration::from_millis(10));
+                            }
+                            if m.load(Ordering::SeqCst) == CUT || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, mode, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Breaks every connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.mode.store(CUT, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Stops forwarding; the connections stay open.
+    pub fn stall(&self) {
+        self.mode.store(STALL, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.mode.store(PASS, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Whether a process with this pid exists.
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(true)
+}
