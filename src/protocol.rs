@@ -19,12 +19,19 @@ pub struct AgentState {
     pub plan_running_count: u32,
     pub plan_limit: u32,
     pub apply_running: bool,
+    /// Extension: the agent is shutting down (SIGTERM): it takes no new task and lets
+    /// its running ones finish.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl AgentState {
     /// The concurrency rules of the design, in one place: the agent's scheduler decides
     /// with it, and the server's dispatch respects it. `Err` carries the reason.
     pub fn admits(&self, action: Action) -> Result<(), &'static str> {
+        if self.draining {
+            return Err("agent shutting down");
+        }
         if self.apply_running {
             return Err("apply running");
         }
@@ -485,7 +492,8 @@ mod tests {
                 state: AgentState {
                     plan_running_count: 1,
                     plan_limit: 4,
-                    apply_running: false
+                    apply_running: false,
+                    draining: false,
                 },
                 running: vec!["T-000001".into()]
             }
@@ -575,7 +583,14 @@ mod tests {
             plan_running_count: count,
             plan_limit: limit,
             apply_running: apply,
+            draining: false,
         };
+        let draining = AgentState {
+            draining: true,
+            ..st(0, 2, false)
+        };
+        assert_eq!(draining.admits(Action::Plan), Err("agent shutting down"));
+        assert_eq!(draining.admits(Action::Apply), Err("agent shutting down"));
         // apply running: nothing is admitted
         assert_eq!(st(0, 2, true).admits(Action::Plan), Err("apply running"));
         assert_eq!(st(0, 2, true).admits(Action::Apply), Err("apply running"));

@@ -316,3 +316,107 @@ fn a_running_plan_is_canceled() {
     assert_eq!(task["phases"]["plan"]["status"], "canceled");
     assert!(!alive(pid), "SIGINT stopped Terraform's process group");
 }
+
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn sigterm_drains_the_agent_then_it_exits_0() {
+    let dir = TempDir::new("drain");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let client = server.client();
+    let mut agent = Agent::start_with(
+        &server.url,
+        "agent-d",
+        &dir.path().join("work"),
+        &slow_terraform(),
+        &[],
+        &[("FAKE_LINES", "30"), ("FAKE_DELAY", "0.05")],
+    );
+    client.wait_online("agent-d", Duration::from_secs(30));
+    let id = client.create_task(&json!({"action": "plan", "tf_json": {}}));
+    wait_status(&client, &id, "running");
+    signal(agent.proc.pid(), "-TERM");
+    agent
+        .proc
+        .wait_line("shutting down", Duration::from_secs(10));
+    // Draining: a new task is not sent to it, and the running one finishes.
+    let later = client.create_task(&json!({"action": "plan", "tf_json": {}}));
+    let status = wait_for("the agent to exit", LONG, || {
+        agent.proc.child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "{}", agent.proc.output());
+    assert_eq!(client.task(&id)["status"], "succeeded");
+    assert_eq!(client.task(&later)["status"], "queued");
+}
+
+#[test]
+fn a_second_sigterm_cancels_running_tasks_at_once() {
+    let dir = TempDir::new("drain2");
+    let (evp, ev) = events(dir.path());
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let client = server.client();
+    let mut agent = Agent::start_with(
+        &server.url,
+        "agent-d2",
+        &dir.path().join("work"),
+        &slow_terraform(),
+        &[],
+        &[("FAKE_TF_SECONDS", "600"), ("FAKE_TF_EVENTS", ev.as_str())],
+    );
+    client.wait_online("agent-d2", Duration::from_secs(30));
+    let id = client.create_task(&json!({"action": "apply", "tf_json": {}}));
+    let pid = wait_for("terraform to start", LONG, || {
+        pids(&evp, &id).first().copied()
+    });
+    signal(agent.proc.pid(), "-TERM");
+    agent
+        .proc
+        .wait_line("shutting down", Duration::from_secs(10));
+    assert!(alive(pid), "the first SIGTERM lets the task run");
+    signal(agent.proc.pid(), "-TERM");
+    let status = wait_for("the agent to exit", LONG, || {
+        agent.proc.child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "{}", agent.proc.output());
+    assert!(!alive(pid));
+    let task = client.wait_done(&id, LONG);
+    assert_eq!(task["status"], "canceled", "{task}");
+    assert_eq!(
+        client.log(&id, "plan").0,
+        200,
+        "its log was uploaded before the exit"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly_and_it_comes_back_with_everything() {
+    let dir = TempDir::new("server-term");
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut server = Server::start(&data, port, &[]);
+    let client = server.client();
+    let agent = Agent::start(&server.url, "agent-st", &dir.path().join("work"), &[]);
+    client.wait_online("agent-st", Duration::from_secs(30));
+    let id = client.create_task(
+        &json!({"action": "plan", "tf_json": hello_config(), "variables": {"name": "x"}}),
+    );
+    assert_eq!(client.wait_done(&id, LONG)["status"], "succeeded");
+    signal(server.proc.pid(), "-TERM");
+    let status = wait_for("the server to exit", Duration::from_secs(20), || {
+        server.proc.child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0));
+    agent
+        .proc
+        .wait_line("server shutting down", Duration::from_secs(10));
+    let server = Server::start(&data, port, &[]);
+    let client = server.client();
+    assert_eq!(client.task(&id)["status"], "succeeded");
+    client.wait_online("agent-st", LONG);
+}

@@ -214,6 +214,9 @@ impl ServerPeer {
                 match ctx.scheduler.try_start(&task_id, task_data.action) {
                     Ok(Admission::Start) => {
                         log::info!("accepted {task_id} ({})", task_data.action.as_str());
+                        // The task's directory exists before the server hears "accepted":
+                        // a crash from here on is found and reported by the next start.
+                        let prepared = runner::prepare(&ctx.config.work_dir, &task_data);
                         out.push(event(&AgentMsg::TaskAccepted {
                             task_id: task_id.clone(),
                         }));
@@ -223,7 +226,9 @@ impl ServerPeer {
                         let worker_ctx = ctx.clone();
                         let spawned = thread::Builder::new()
                             .name(format!("task {task_id}"))
-                            .spawn(move || runner::run_task(&worker_ctx, task_data, &cancel));
+                            .spawn(move || {
+                                runner::run_task(&worker_ctx, task_data, prepared, &cancel)
+                            });
                         if let Err(e) = spawned {
                             log::error!("cannot start a worker for {task_id}: {e}");
                             ctx.tasks().remove(&task_id);

@@ -10,13 +10,16 @@
 //!   uploads over HTTP ([`uploader`]) and events over WS 1, each kept until confirmed.
 //! - **streamers** ([`streamer`]): only while somebody watches a task, one thread opens
 //!   WS 3 and sends the task's log files line by line as Terraform writes them.
-//! - **cancel timers**: a short-lived thread per cancel, to SIGKILL after the grace period.
+//! - **cancel timers**: a short-lived thread per cancel, to SIGKILL after the grace period;
+//!   a timeout thread per task that has a `timeout_s`.
+//! - **signals** ([`shutdown`]): waits for SIGTERM/SIGINT and drains the agent.
 
 pub(crate) mod control;
 pub(crate) mod outbox;
 pub(crate) mod recovery;
 pub(crate) mod runner;
 pub(crate) mod scheduler;
+pub(crate) mod shutdown;
 pub(crate) mod streamer;
 pub(crate) mod uploader;
 
@@ -76,6 +79,11 @@ pub const FLAGS: &[FlagSpec] = &[
         "seconds between SIGINT and SIGKILL on cancel (default 60)",
     ),
     (
+        "--drain-timeout-s",
+        "IAC_DRAIN_TIMEOUT_S",
+        "on SIGTERM, seconds running tasks may take to finish before they are canceled (default 600)",
+    ),
+    (
         "--log-level",
         "IAC_LOG",
         "error, warn, info, debug or trace (default info)",
@@ -94,6 +102,7 @@ pub struct Config {
     pub terraform: PathBuf,
     pub labels: Labels,
     pub cancel_grace: Duration,
+    pub drain_timeout: Duration,
 }
 
 fn hostname() -> String {
@@ -172,6 +181,12 @@ impl Config {
                 FLAGS,
                 60,
                 0..=86_400,
+            )?),
+            drain_timeout: Duration::from_secs(flags.number(
+                "--drain-timeout-s",
+                FLAGS,
+                600,
+                0..=7 * 86_400,
             )?),
         })
     }
@@ -337,6 +352,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             ctx.outbox.len()
         );
     }
+    shutdown::watch(ctx.clone()).map_err(|e| Error::Io("cannot watch for SIGTERM".into(), e))?;
     let deliverer = ctx.clone();
     std::thread::Builder::new()
         .name("outbox".into())

@@ -176,8 +176,9 @@ pub(crate) fn log_path(work_dir: &Path, task_id: &str, phase: Phase) -> PathBuf 
         .join(format!("{}.log", phase.as_str()))
 }
 
-/// Writes the task's configuration into a fresh directory.
-fn prepare(dir: &Path, task: &TaskData) -> io::Result<()> {
+/// Writes the task's configuration into a fresh directory under the work dir.
+pub(crate) fn prepare(work_dir: &Path, task: &TaskData) -> io::Result<()> {
+    let dir = &task_dir(work_dir, &task.task_id);
     if dir.exists() {
         fs::remove_dir_all(dir)?;
     }
@@ -240,7 +241,12 @@ fn run_phase(
 }
 
 /// The whole task, on its worker thread. Always ends with `task_finished`.
-pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &Arc<TaskHandle>) {
+pub(crate) fn run_task(
+    ctx: &Ctx,
+    task: TaskData,
+    mut prepared: io::Result<()>,
+    handle: &Arc<TaskHandle>,
+) {
     let id = task.task_id.clone();
     // The timer ends when `_running` is dropped with this function.
     let (_running, timer_rx) = crossbeam_channel::bounded::<()>(0);
@@ -265,7 +271,6 @@ pub(crate) fn run_task(ctx: &Ctx, task: TaskData, handle: &Arc<TaskHandle>) {
         Action::Plan => &[Phase::Plan],
         Action::Apply => &[Phase::Plan, Phase::Apply],
     };
-    let mut prepared = prepare(&dir, &task);
     let mut last_code = 0;
     for (i, phase) in phases.iter().copied().enumerate() {
         let path = log_path(work, &id, phase);
@@ -420,10 +425,11 @@ mod tests {
     #[test]
     fn task_files_are_written_with_private_variables() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!(
+        let work = std::env::temp_dir().join(format!(
             "iac-runner-{}",
             crate::util::hex(&crate::util::random_bytes(6).unwrap())
         ));
+        let dir = task_dir(&work, "T-1");
         let task = TaskData {
             task_id: "T-1".into(),
             action: Action::Plan,
@@ -431,9 +437,9 @@ mod tests {
             variables: "{\"a\":1}".into(),
             timeout_s: None,
         };
-        prepare(&dir, &task).unwrap();
+        prepare(&work, &task).unwrap();
         fs::write(dir.join("stale"), "x").unwrap();
-        prepare(&dir, &task).unwrap();
+        prepare(&work, &task).unwrap();
         assert!(!dir.join("stale").exists(), "a fresh directory every time");
         assert_eq!(
             fs::read_to_string(dir.join("main.tf.json")).unwrap(),
@@ -444,7 +450,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(work).unwrap();
     }
 
     #[test]

@@ -47,6 +47,7 @@ impl Scheduler {
                     plan_running_count: 0,
                     plan_limit,
                     apply_running: false,
+                    draining: false,
                 },
                 running: BTreeMap::new(),
             }),
@@ -67,6 +68,16 @@ impl Scheduler {
             inner.running.insert(task_id.to_string(), action);
         }
         Ok(decision)
+    }
+
+    /// From now on, accept nothing (the agent is shutting down).
+    pub fn drain(&self) {
+        self.lock().state.draining = true;
+    }
+
+    /// How many tasks run.
+    pub fn running(&self) -> usize {
+        self.lock().running.len()
     }
 
     /// The task's worker is done: free its place.
@@ -111,7 +122,8 @@ mod tests {
             AgentState {
                 plan_running_count: 2,
                 plan_limit: 2,
-                apply_running: false
+                apply_running: false,
+                draining: false,
             }
         );
         assert_eq!(running, ["P1", "P2"]);
@@ -120,6 +132,14 @@ mod tests {
         // apply with 0 plans: accepted
         assert_eq!(s.try_start("A3", Action::Apply), Ok(Admission::Start));
         assert!(s.snapshot().0.apply_running);
+    }
+
+    #[test]
+    fn a_draining_agent_accepts_nothing() {
+        let s = Scheduler::new(4);
+        s.drain();
+        assert_eq!(s.try_start("P", Action::Plan), Err("agent shutting down"));
+        assert!(s.snapshot().0.draining);
     }
 
     #[test]

@@ -233,6 +233,18 @@ impl Hub {
             .is_some_and(|l| !l.viewers.is_empty())
     }
 
+    /// Closes every viewer and stream (server shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for log in self.tasks.values() {
+            for v in &log.viewers {
+                v.mailbox.send(Outgoing::Close(code, reason.to_string()));
+            }
+            if let Stream::Open { ws3, .. } = &log.stream {
+                ws3.send(Outgoing::Close(code, reason.to_string()));
+            }
+        }
+    }
+
     /// Wakes every viewer of the task (e.g. it ended) to look at it again.
     pub fn nudge(&self, task_id: &str) {
         if let Some(log) = self.tasks.get(task_id) {

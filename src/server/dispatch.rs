@@ -138,6 +138,7 @@ mod tests {
                 plan_running_count: count,
                 plan_limit: limit,
                 apply_running: apply,
+                draining: false,
             },
         }
     }

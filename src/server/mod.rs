@@ -16,6 +16,8 @@
 //! - **WS 2 threads** ([`client_hub::serve`]): one per viewer of a live log, fed through
 //!   its bounded mailbox.
 //!
+//! - **signals**: on SIGTERM/SIGINT, closes every WebSocket and exits 0.
+//!
 //! Shared state: the [`store::Store`] (SQLite + log archive, its own mutex), the
 //! [`registry::Registry`] of online agents and the [`client_hub::Hub`] of watched tasks,
 //! each behind one `Mutex`, never two held at once.
@@ -41,6 +43,8 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::cli::Flags;
 
@@ -304,6 +308,19 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     // Tasks queued before a restart are dispatched as soon as agents report in.
     shared.kick();
+    {
+        let shared = shared.clone();
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT]).map_err(io_err("cannot watch for SIGTERM".into()))?;
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    shutdown(&shared, sig);
+                }
+            })
+            .map_err(io_err("cannot start the signal thread".into()))?;
+    }
     eprintln!("listening on http://{addr}");
     log::info!("data dir {}", shared.config.data_dir.display());
     for stream in listener.incoming() {
@@ -317,6 +334,22 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// SIGTERM: every WebSocket is closed with 1001 (agents reconnect to the next server,
+/// viewers see why), the WAL is checkpointed, and the process exits 0. Every answer
+/// already given was committed before it was sent, so nothing is left to save.
+fn shutdown(shared: &Shared, sig: i32) -> ! {
+    log::warn!("signal {sig}: shutting down");
+    shared.registry().close_all(1001, "server shutting down");
+    shared.hub().close_all(1001, "server shutting down");
+    // The connection threads send their close frames; give them a moment.
+    thread::sleep(Duration::from_millis(300));
+    if let Err(e) = shared.store.checkpoint() {
+        log::warn!("checkpoint at shutdown: {e}");
+    }
+    log::info!("stopped");
+    std::process::exit(0)
 }
 
 fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {

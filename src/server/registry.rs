@@ -61,6 +61,7 @@ impl Registry {
                 plan_limit,
                 // Until the first report, assume the agent is busy: dispatch waits for it.
                 apply_running: true,
+                draining: false,
             },
             running: Vec::new(),
             reserved: BTreeMap::new(),
@@ -161,6 +162,21 @@ impl Registry {
         Some(now.saturating_duration_since(since))
     }
 
+    /// Whether an online agent has the task: in its last report, or sent to it since.
+    pub fn holds(&self, agent_id: &str, task_id: &str) -> bool {
+        self.agents.get(agent_id).is_some_and(|o| {
+            o.running.iter().any(|t| t == task_id) || o.reserved.contains_key(task_id)
+        })
+    }
+
+    /// Closes every agent's WS 1 (server shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for o in self.agents.values() {
+            o.mailbox
+                .send(crate::wsloop::Outgoing::Close(code, reason.to_string()));
+        }
+    }
+
     pub fn mailbox(&self, agent_id: &str) -> Option<Mailbox> {
         self.agents.get(agent_id).map(|o| o.mailbox.clone())
     }
@@ -187,6 +203,7 @@ mod tests {
             plan_running_count: count,
             plan_limit: limit,
             apply_running: apply,
+            draining: false,
         }
     }
 

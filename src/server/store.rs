@@ -82,6 +82,7 @@ impl AgentRow {
                 plan_running_count: 0,
                 plan_limit: self.plan_limit,
                 apply_running: false,
+                draining: false,
             },
             running: Vec::new(),
             labels: self.labels.clone(),
@@ -217,6 +218,12 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite half-written (transactions
         // roll back on drop), so a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Folds the write-ahead log into the database file (at shutdown: a tidy data dir).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.db().execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        Ok(())
     }
 
     // ---- agents ----
