@@ -420,3 +420,117 @@ fn sigterm_stops_the_server_cleanly_and_it_comes_back_with_everything() {
     assert_eq!(client.task(&id)["status"], "succeeded");
     client.wait_online("agent-st", LONG);
 }
+
+/// A small deterministic generator, seeded from the clock (the seed is printed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next(hi - lo))
+    }
+}
+
+#[test]
+fn twenty_random_faults_with_tasks_in_flight_leave_no_task_stuck_and_every_log_whole() {
+    let seed = std::env::var("IAC_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("chaos seed {seed} (IAC_CHAOS_SEED={seed} replays it)");
+    let mut rng = Lcg(seed);
+    let dir = TempDir::new("chaos");
+    let data = dir.path().join("data");
+    let work = dir.path().join("work");
+    let port = free_port();
+    let server_args = ["--ping-interval-ms", "500", "--heartbeat-ms", "500"];
+    let mut server = Server::start(&data, port, &server_args);
+    let client = server.client();
+    let proxy = Proxy::start(port);
+    let env = [("FAKE_LINES", "10"), ("FAKE_DELAY", "0.03")];
+    let start_agent = || {
+        Agent::start_with(
+            &proxy.url(),
+            "agent-chaos",
+            &work,
+            &slow_terraform(),
+            &["--plan-limit", "3"],
+            &env,
+        )
+    };
+    let mut agent = start_agent();
+    client.wait_online("agent-chaos", Duration::from_secs(30));
+    let mut ids = Vec::new();
+    let mut faults = Vec::new();
+    for _ in 0..20 {
+        for _ in 0..=rng.next(2) {
+            let action = if rng.next(3) == 0 { "apply" } else { "plan" };
+            ids.push(client.create_task(&json!({"action": action, "tf_json": {}})));
+        }
+        std::thread::sleep(rng.millis(100, 600));
+        let fault = rng.next(4);
+        faults.push(fault);
+        match fault {
+            0 => {
+                proxy.cut();
+                std::thread::sleep(rng.millis(300, 1500));
+                proxy.restore();
+            }
+            1 => {
+                proxy.stall();
+                std::thread::sleep(rng.millis(300, 1500));
+                proxy.restore();
+            }
+            2 => {
+                server.proc.kill9();
+                server = Server::start(&data, port, &server_args);
+            }
+            _ => {
+                agent.proc.kill9();
+                agent = start_agent();
+            }
+        }
+    }
+    eprintln!("faults (0 cut, 1 stall, 2 server kill, 3 agent kill): {faults:?}");
+    for id in &ids {
+        let t = client.wait_done(id, Duration::from_secs(180));
+        let status = t["status"].as_str().unwrap();
+        assert!(
+            matches!(status, "succeeded" | "failed"),
+            "{id}: {t}\n{}",
+            agent.proc.output()
+        );
+        for (phase, p) in t["phases"].as_object().unwrap() {
+            let ran = !matches!(
+                p["status"].as_str().unwrap(),
+                "skipped" | "pending" | "running"
+            );
+            if !ran {
+                continue;
+            }
+            let local = std::fs::read(work.join("logs").join(id).join(format!("{phase}.log")))
+                .unwrap_or_else(|e| panic!("{id} {phase}: no local log ({e}): {t}"));
+            let (code, archived) = client.log(id, phase);
+            assert_eq!(code, 200, "{id} {phase} was not archived: {t}");
+            assert!(
+                archived.as_bytes() == local.as_slice(),
+                "{id} {phase}: the archived log is not the whole log"
+            );
+        }
+    }
+    let (_, running) = client.call("GET", "/api/tasks?status=running", None);
+    assert_eq!(running["tasks"].as_array().unwrap().len(), 0, "{running}");
+    drop(agent);
+}
