@@ -23,6 +23,10 @@ pub struct AgentState {
     /// its running ones finish.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Extension: more logs wait for the server than the agent may keep
+    /// (`--max-spool-bytes`): it takes no new task until they are delivered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spool_full: bool,
 }
 
 impl AgentState {
@@ -31,6 +35,9 @@ impl AgentState {
     pub fn admits(&self, action: Action) -> Result<(), &'static str> {
         if self.draining {
             return Err("agent shutting down");
+        }
+        if self.spool_full {
+            return Err("spool full: logs wait for the server");
         }
         if self.apply_running {
             return Err("apply running");
@@ -494,6 +501,7 @@ mod tests {
                     plan_limit: 4,
                     apply_running: false,
                     draining: false,
+                    spool_full: false,
                 },
                 running: vec!["T-000001".into()]
             }
@@ -584,6 +592,7 @@ mod tests {
             plan_limit: limit,
             apply_running: apply,
             draining: false,
+            spool_full: false,
         };
         let draining = AgentState {
             draining: true,
@@ -591,6 +600,14 @@ mod tests {
         };
         assert_eq!(draining.admits(Action::Plan), Err("agent shutting down"));
         assert_eq!(draining.admits(Action::Apply), Err("agent shutting down"));
+        let full = AgentState {
+            spool_full: true,
+            ..st(0, 2, false)
+        };
+        assert!(full
+            .admits(Action::Plan)
+            .unwrap_err()
+            .starts_with("spool full"));
         // apply running: nothing is admitted
         assert_eq!(st(0, 2, true).admits(Action::Plan), Err("apply running"));
         assert_eq!(st(0, 2, true).admits(Action::Apply), Err("apply running"));

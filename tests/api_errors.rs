@@ -325,3 +325,84 @@ fn openapi_and_health_need_no_token() {
     assert_eq!(status, 200);
     assert!(page.contains("<html"), "{page}");
 }
+
+#[test]
+fn connections_over_the_limit_get_503_and_service_resumes() {
+    let dir = TempDir::new("conn-limit");
+    let server = Server::start(&dir.path().join("data"), 0, &["--max-connections", "2"]);
+    // Two clients that connect and say nothing hold the two places.
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.port)).unwrap())
+        .collect();
+    wait_for("the limit to be reached", Duration::from_secs(10), || {
+        let (status, body) = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\n\r\n");
+        (status == 503).then_some(body)
+    });
+    let (s, b) = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\n\r\n");
+    assert_json_error(s, &b, 503, "over the limit");
+    drop(idle);
+    let c = server.client();
+    wait_for("service to resume", Duration::from_secs(10), || {
+        let (status, _) = c.raw("GET", "/healthz", None, None);
+        (status == 200).then_some(())
+    });
+}
+
+#[test]
+fn a_damaged_or_repeated_upload_keeps_one_whole_log() {
+    let dir = TempDir::new("upload-integrity");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let c = server.client();
+    // An agent (by hand) that owns a task.
+    let (status, reg) = c.raw(
+        "POST",
+        "/agents/register",
+        Some(REG_TOKEN),
+        Some(r#"{"name": "uploader", "plan_limit": 1}"#),
+    );
+    assert_eq!(status, 200);
+    let reg: Value = serde_json::from_str(&reg).unwrap();
+    let token = reg["agent_token"].as_str().unwrap().to_string();
+    let agent_id = reg["agent_id"].as_str().unwrap().to_string();
+    let id = c.create_task(&json!({"action": "plan", "tf_json": {}}));
+    let port = server.port;
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let uri = format!("ws://127.0.0.1:{port}/agent/control")
+        .parse()
+        .unwrap();
+    let req = tungstenite::client::ClientRequestBuilder::new(uri)
+        .with_header("Authorization", format!("Bearer {token}"));
+    let (mut ws, _) = tungstenite::client::client(req, stream).unwrap();
+    ws.send(tungstenite::Message::text(json!({"type": "state", "state": {"plan_running_count": 0, "plan_limit": 1, "apply_running": false}, "running": []}).to_string())).unwrap();
+    let _run_task = ws.read().unwrap();
+    ws.send(tungstenite::Message::text(
+        json!({"type": "task_accepted", "task_id": id}).to_string(),
+    ))
+    .unwrap();
+    wait_for("running", Duration::from_secs(10), || {
+        (c.task(&id)["agent_id"] == agent_id.as_str()).then_some(())
+    });
+    let upload = |body: &str, sha: &str| {
+        let req = format!(
+            "POST /api/tasks/{id}/logs/upload?phase=plan HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nX-IAC-Content-SHA256: {sha}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        raw_exchange(port, req.as_bytes())
+    };
+    let good = "line one\nline two\n";
+    let sha = |s: &str| {
+        use sha2::Digest;
+        iac::util::hex(&sha2::Sha256::digest(s.as_bytes()))
+    };
+    let (s, b) = upload("line one\nline tw0\n", &sha(good));
+    assert_json_error(s, &b, 422, "damaged on the way");
+    assert_eq!(
+        c.log(&id, "plan").0,
+        404,
+        "nothing kept of a damaged upload"
+    );
+    assert_eq!(upload(good, &sha(good)).0, 200);
+    assert_eq!(upload(good, &sha(good)).0, 200, "a repeated upload is fine");
+    assert_eq!(c.log(&id, "plan"), (200, good.to_string()));
+    assert_eq!(c.task(&id)["phases"]["plan"]["log_bytes"], good.len());
+}

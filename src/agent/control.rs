@@ -184,8 +184,14 @@ pub(crate) fn connect_ws(
     }
 }
 
+/// Whether more logs wait for the server than the agent may keep.
+fn spool_full(ctx: &Ctx) -> bool {
+    ctx.outbox.spool_bytes(&ctx.config.work_dir) > ctx.config.max_spool_bytes
+}
+
 fn state_msg(ctx: &Ctx) -> String {
-    let (state, running) = ctx.scheduler.snapshot();
+    let (mut state, running) = ctx.scheduler.snapshot();
+    state.spool_full = spool_full(ctx);
     serde_json::to_string(&AgentMsg::State { state, running }).expect("state always serializes")
 }
 
@@ -209,6 +215,18 @@ impl ServerPeer {
                 let task_id = task_data.task_id.clone();
                 if !valid_task_id(&task_id) {
                     log::warn!("the server sent an invalid task id {task_id:?}");
+                    return;
+                }
+                if spool_full(ctx) {
+                    log::warn!(
+                        "rejected {task_id}: the spool is over {} bytes",
+                        ctx.config.max_spool_bytes
+                    );
+                    out.push(event(&AgentMsg::TaskRejected {
+                        task_id,
+                        reason: "spool full: logs wait for the server".into(),
+                    }));
+                    out.push(state_msg(ctx));
                     return;
                 }
                 match ctx.scheduler.try_start(&task_id, task_data.action) {

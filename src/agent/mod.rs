@@ -79,6 +79,11 @@ pub const FLAGS: &[FlagSpec] = &[
         "seconds between SIGINT and SIGKILL on cancel (default 60)",
     ),
     (
+        "--max-spool-bytes",
+        "IAC_MAX_SPOOL_BYTES",
+        "logs waiting for the server above this: new tasks are rejected (default 1 GiB)",
+    ),
+    (
         "--drain-timeout-s",
         "IAC_DRAIN_TIMEOUT_S",
         "on SIGTERM, seconds running tasks may take to finish before they are canceled (default 600)",
@@ -103,6 +108,7 @@ pub struct Config {
     pub labels: Labels,
     pub cancel_grace: Duration,
     pub drain_timeout: Duration,
+    pub max_spool_bytes: u64,
 }
 
 fn hostname() -> String {
@@ -182,6 +188,7 @@ impl Config {
                 60,
                 0..=86_400,
             )?),
+            max_spool_bytes: flags.number("--max-spool-bytes", FLAGS, 1 << 30, 1024..=(1 << 50))?,
             drain_timeout: Duration::from_secs(flags.number(
                 "--drain-timeout-s",
                 FLAGS,

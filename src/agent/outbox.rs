@@ -142,6 +142,25 @@ impl Outbox {
         }
     }
 
+    /// Bytes of logs waiting to be uploaded (the spool), under `work_dir`.
+    pub fn spool_bytes(&self, work_dir: &Path) -> u64 {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice::<Entry>(&b).ok())
+            .filter_map(|entry| match entry {
+                Entry::Upload { task_id, phase } => {
+                    fs::metadata(super::runner::log_path(work_dir, &task_id, phase)).ok()
+                }
+                Entry::Event { .. } => None,
+            })
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// How many entries wait.
     pub fn len(&self) -> usize {
         fs::read_dir(&self.dir)
@@ -257,6 +276,26 @@ mod tests {
         assert_eq!(ob.first(Duration::from_millis(10)).unwrap(), None);
         assert!(ob.push(&up).unwrap() > s2, "numbers are never reused");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_spool_counts_the_logs_still_to_upload() {
+        let work = temp();
+        let ob = Outbox::open(&work.join("outbox")).unwrap();
+        let log = super::super::runner::log_path(&work, "T-1", Phase::Plan);
+        fs::create_dir_all(log.parent().unwrap()).unwrap();
+        fs::write(&log, vec![b'x'; 1000]).unwrap();
+        assert_eq!(ob.spool_bytes(&work), 0);
+        let seq = ob
+            .push(&Entry::Upload {
+                task_id: "T-1".into(),
+                phase: Phase::Plan,
+            })
+            .unwrap();
+        assert_eq!(ob.spool_bytes(&work), 1000);
+        ob.remove(seq).unwrap();
+        assert_eq!(ob.spool_bytes(&work), 0);
+        fs::remove_dir_all(work).unwrap();
     }
 
     #[test]

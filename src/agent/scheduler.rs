@@ -48,6 +48,7 @@ impl Scheduler {
                     plan_limit,
                     apply_running: false,
                     draining: false,
+                    spool_full: false,
                 },
                 running: BTreeMap::new(),
             }),
@@ -124,6 +125,7 @@ mod tests {
                 plan_limit: 2,
                 apply_running: false,
                 draining: false,
+                spool_full: false,
             }
         );
         assert_eq!(running, ["P1", "P2"]);

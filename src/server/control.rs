@@ -31,7 +31,7 @@ pub(crate) fn serve<S: Transport>(
         stream,
         leftover,
         Role::Server,
-        Some(wsloop::control_config()),
+        Some(shared.agent_ws_config()),
     );
     let (mailbox, inbox) = match wsloop::mailbox() {
         Ok(m) => m,

@@ -139,6 +139,7 @@ mod tests {
                 plan_limit: limit,
                 apply_running: apply,
                 draining: false,
+                spool_full: false,
             },
         }
     }

@@ -35,9 +35,10 @@ pub(crate) mod store;
 pub(crate) mod stream;
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
@@ -62,6 +63,10 @@ pub struct Config {
     pub lost_grace: Duration,
     /// The timeout of a task that does not ask for one.
     pub task_timeout: Duration,
+    /// Connections served at once (each is a thread); more are answered 503.
+    pub max_connections: usize,
+    /// Largest WebSocket message an agent may send (WS 1, WS 3).
+    pub max_message_bytes: usize,
     pub max_request_bytes: u64,
     pub max_log_bytes: u64,
     pub(crate) limits: http::Limits,
@@ -120,6 +125,16 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
         "seconds a task may run unless it asks otherwise (timeout_s); then it fails (default 14400)",
     ),
     (
+        "--max-connections",
+        "IAC_MAX_CONNECTIONS",
+        "connections served at once; more get 503 (default 20000)",
+    ),
+    (
+        "--max-message-bytes",
+        "IAC_MAX_MESSAGE_BYTES",
+        "largest WebSocket message from an agent (default 16 MiB)",
+    ),
+    (
         "--max-request-bytes",
         "IAC_MAX_REQUEST_BYTES",
         "largest JSON request body (default 8 MiB)",
@@ -175,6 +190,14 @@ impl Config {
                 300,
                 1..=(30 * 86_400),
             )?),
+            max_connections: flags.number("--max-connections", FLAGS, 20_000, 1..=1_000_000)?
+                as usize,
+            max_message_bytes: flags.number(
+                "--max-message-bytes",
+                FLAGS,
+                16 << 20,
+                1024..=(1 << 30),
+            )? as usize,
             task_timeout: Duration::from_secs(flags.number(
                 "--task-timeout-s",
                 FLAGS,
@@ -222,6 +245,8 @@ pub(crate) struct Shared {
     kick: Sender<()>,
     pub api_token_hash: String,
     pub registration_token_hash: String,
+    /// Connections being served now.
+    connections: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -234,6 +259,14 @@ impl Shared {
     pub fn hub(&self) -> MutexGuard<'_, client_hub::Hub> {
         // Plain data updated in short steps, as the registry.
         self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// WebSocket settings for what agents send (WS 1, WS 3).
+    pub fn agent_ws_config(&self) -> tungstenite::protocol::WebSocketConfig {
+        let max = self.config.max_message_bytes;
+        crate::wsloop::control_config()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
     }
 
     pub fn keepalive(&self) -> crate::wsloop::Keepalive {
@@ -287,6 +320,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         registry: Mutex::new(registry::Registry::default()),
         hub: Mutex::new(client_hub::Hub::default()),
         kick,
+        connections: Arc::new(AtomicUsize::new(0)),
         api_token_hash: auth::hash(&api.0),
         registration_token_hash: auth::hash(&reg.0),
         config,
@@ -352,13 +386,57 @@ fn shutdown(shared: &Shared, sig: i32) -> ! {
     std::process::exit(0)
 }
 
+/// Counts a live connection for as long as it is held.
+struct ConnSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let live = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+    let slot = ConnSlot(shared.connections.clone());
+    if live > shared.config.max_connections {
+        // Over the limit: a short answer (not a silent drop) and the socket is closed.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let resp = http::Response::error(
+            503,
+            format!(
+                "the server is at its limit of {} connections; try again later",
+                shared.config.max_connections
+            ),
+        )
+        .with_header("Retry-After", "5");
+        // Take the request if it is already here, so that closing does not reset the
+        // connection before the client reads the answer; bounded to ~150 ms.
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+        let _ = (&stream).read(&mut [0u8; 16 * 1024]);
+        let mut conn = http::Conn::new(stream, shared.config.limits);
+        if conn.write_response(&resp, false).is_ok() {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+            let _ = conn
+                .stream
+                .set_read_timeout(Some(Duration::from_millis(100)));
+            let _ = conn.stream.read(&mut [0u8; 16 * 1024]);
+        }
+        log::warn!(
+            "connection refused: {} connections is the limit",
+            shared.config.max_connections
+        );
+        drop(slot);
+        return;
+    }
     let shared = shared.clone();
     let spawned = thread::Builder::new()
         .name("conn".into())
         .stack_size(CONN_STACK)
-        .spawn(move || api::serve_connection(shared, stream));
+        .spawn(move || {
+            let _slot = slot;
+            api::serve_connection(shared, stream)
+        });
     if let Err(e) = spawned {
         log::error!("cannot start a connection thread: {e}");
     }

@@ -62,6 +62,7 @@ impl Registry {
                 // Until the first report, assume the agent is busy: dispatch waits for it.
                 apply_running: true,
                 draining: false,
+                spool_full: false,
             },
             running: Vec::new(),
             reserved: BTreeMap::new(),
@@ -204,6 +205,7 @@ mod tests {
             plan_limit: limit,
             apply_running: apply,
             draining: false,
+            spool_full: false,
         }
     }
 

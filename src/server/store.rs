@@ -83,6 +83,7 @@ impl AgentRow {
                 plan_limit: self.plan_limit,
                 apply_running: false,
                 draining: false,
+                spool_full: false,
             },
             running: Vec::new(),
             labels: self.labels.clone(),

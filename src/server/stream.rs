@@ -9,7 +9,7 @@ use tungstenite::protocol::Role;
 use tungstenite::WebSocket;
 
 use super::Shared;
-use crate::protocol::{END_OF_TASK, MAX_LINE};
+use crate::protocol::END_OF_TASK;
 use crate::wsloop::{self, End, Flow, Peer, Transport};
 
 /// Serves WS 3 of `task_id` for its agent. The 101 answer has been sent.
@@ -19,7 +19,7 @@ pub(crate) fn serve<S: Transport>(
     stream: S,
     leftover: Vec<u8>,
 ) {
-    let config = wsloop::control_config().max_message_size(Some(MAX_LINE * 4 + 1024));
+    let config = shared.agent_ws_config();
     let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(config));
     let (mailbox, inbox) = match wsloop::mailbox() {
         Ok(m) => m,
