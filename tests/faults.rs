@@ -120,7 +120,10 @@ fn a_cut_network_delays_the_log_and_the_result_and_delivers_them_exactly_once() 
     proxy.restore();
     let restored = Instant::now();
     let task = client.wait_done(&id, LONG);
-    assert!(restored.elapsed() < Duration::from_secs(35), "back within one backoff cap (30 s)");
+    assert!(
+        restored.elapsed() < Duration::from_secs(35),
+        "back within one backoff cap (30 s)"
+    );
     assert_eq!(task["status"], "succeeded", "{task}");
     assert_eq!(task["phases"]["plan"]["status"], "succeeded");
     assert_eq!(task["phases"]["apply"]["status"], "succeeded");
