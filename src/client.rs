@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -32,6 +31,7 @@ Commands:
 
   --server URL        the server (environment: IAC_SERVER; default http://127.0.0.1:8080)
   --token TOKEN       the API token (environment: IAC_API_TOKEN)
+  --ca-cert PEM       trust this CA besides the system roots, for https:// (IAC_CA_CERT)
 
 --var values that are JSON (numbers, true/false, lists, objects) are passed as such,
 anything else as a string. With --follow the exit code is 0 when the task succeeded
@@ -43,6 +43,7 @@ and 1 when it did not.
 struct Args {
     server: Option<String>,
     token: Option<String>,
+    ca_cert: Option<String>,
     command: String,
     positional: Vec<String>,
     vars: Vec<String>,
@@ -71,6 +72,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         match name {
             "--server" => a.server = Some(value(&mut it)?),
             "--token" => a.token = Some(value(&mut it)?),
+            "--ca-cert" => a.ca_cert = Some(value(&mut it)?),
             "--var" => a.vars.push(value(&mut it)?),
             "--label" => a.labels.push(value(&mut it)?),
             "--action" => a.action = Some(value(&mut it)?),
@@ -130,7 +132,16 @@ pub fn main(args: &[String]) -> Result<(), Failure> {
                 .filter(|s| !s.is_empty())
         })
         .ok_or_else(|| Failure::Usage("an API token is needed: --token or IAC_API_TOKEN".into()))?;
-    let api = Api::new(ServerUrl::parse(&server).map_err(Failure::Usage)?, token);
+    let ca = a
+        .ca_cert
+        .clone()
+        .or_else(|| std::env::var("IAC_CA_CERT").ok().filter(|s| !s.is_empty()));
+    let api = Api::new(
+        ServerUrl::parse(&server).map_err(Failure::Usage)?,
+        token,
+        ca.as_deref(),
+    )
+    .map_err(Failure::Usage)?;
     let one = |what: &str| -> Result<String, Failure> {
         match a.positional.as_slice() {
             [id] => Ok(id.clone()),
@@ -193,18 +204,35 @@ struct Api {
     url: ServerUrl,
     token: String,
     http: ureq::Agent,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Api {
-    fn new(url: ServerUrl, token: String) -> Api {
+    fn new(url: ServerUrl, token: String, ca: Option<&str>) -> Result<Api, String> {
+        let roots = if url.tls {
+            crate::tls::roots(ca.map(std::path::Path::new))?
+        } else {
+            Vec::new()
+        };
+        let tls = if url.tls {
+            Some(crate::tls::client_config(&roots)?)
+        } else {
+            None
+        };
         let http = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
+                .tls_config(crate::tls::ureq_config(&roots))
                 .http_status_as_error(false)
                 .timeout_global(Some(Duration::from_secs(60)))
                 .user_agent(format!("iac/{}", crate::VERSION))
                 .build(),
         );
-        Api { url, token, http }
+        Ok(Api {
+            url,
+            token,
+            http,
+            tls,
+        })
     }
 
     /// A request; the answer's body, or the server's error message.
@@ -233,7 +261,8 @@ impl Api {
                 .send(body.unwrap_or_default()),
             (_, _) => self.http.get(&url).header("Authorization", &auth).call(),
         };
-        let mut resp = result.map_err(|e| runtime(format!("cannot reach {url}: {e}")))?;
+        let mut resp = result
+            .map_err(|e| runtime(format!("cannot reach {url}: {}", crate::tls::describe(&e))))?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
             let mut reader = resp.body_mut().as_reader();
@@ -367,13 +396,12 @@ fn logs(api: &Api, id: &str, phase: Option<&str>) -> Result<(), Failure> {
 /// Prints the task's live log (WS 2) until the task ends; the result is the task's.
 fn follow(api: &Api, id: &str) -> Result<(), Failure> {
     let url = &api.url;
-    let addr = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(runtime)?
-        .next()
-        .ok_or_else(|| runtime(format!("{} has no address", url.host)))?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+    let stream = crate::tls::ClientStream::connect(url, api.tls.as_ref())
         .map_err(|e| runtime(format!("cannot reach {}: {e}", url.http(""))))?;
+    // The log may be quiet for a long time: no read timeout while following it.
+    crate::wsloop::Transport::tcp(&stream)
+        .set_read_timeout(None)
+        .map_err(runtime)?;
     let uri = url
         .ws(&format!("/api/tasks/{id}/logs/live"))
         .parse()

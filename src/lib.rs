@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 pub mod util;
 pub mod wsloop;
 

@@ -65,6 +65,8 @@ pub fn hex(bytes: &[u8]) -> String {
 /// The server's base URL, split for HTTP and WebSocket use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerUrl {
+    /// `https://` (and so `wss://`).
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// Path prefix without a trailing slash ("" for none).
@@ -76,17 +78,15 @@ impl ServerUrl {
         let uri: tungstenite::http::Uri = s
             .parse()
             .map_err(|e| format!("--server {s:?} is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(
-                    "https:// servers need TLS, which this build does not have yet; \
-                            use http:// (e.g. through an SSH tunnel or a TLS proxy)"
-                        .into(),
-                )
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(format!(
+                    "--server {s:?} must start with http:// or https://"
+                ))
             }
-            _ => return Err(format!("--server {s:?} must start with http://")),
-        }
+        };
         let host = uri
             .host()
             .ok_or_else(|| format!("--server {s:?} has no host"))?
@@ -94,8 +94,9 @@ impl ServerUrl {
             .trim_end_matches(']')
             .to_string();
         Ok(ServerUrl {
+            tls,
             host,
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             base: uri.path().trim_end_matches('/').to_string(),
         })
     }
@@ -109,11 +110,13 @@ impl ServerUrl {
     }
 
     pub fn http(&self, path: &str) -> String {
-        format!("http://{}{}{path}", self.authority(), self.base)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}{path}", self.authority(), self.base)
     }
 
     pub fn ws(&self, path: &str) -> String {
-        format!("ws://{}{}{path}", self.authority(), self.base)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}{}{path}", self.authority(), self.base)
     }
 }
 
@@ -180,7 +183,11 @@ mod tests {
         assert_eq!(u.ws("/x"), "ws://[::1]:9/x");
         assert_eq!(ServerUrl::parse("http://h").unwrap().port, 80);
         assert!(ServerUrl::parse("ftp://h").is_err());
-        assert!(ServerUrl::parse("https://h").unwrap_err().contains("TLS"));
+        let u = ServerUrl::parse("https://iac.example").unwrap();
+        assert_eq!(
+            (u.port, u.ws("/x").as_str()),
+            (443, "wss://iac.example:443/x")
+        );
         assert!(ServerUrl::parse("not a url").is_err());
     }
 

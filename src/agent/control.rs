@@ -2,7 +2,6 @@
 //! full jitter, heartbeats its state, and turns server commands into scheduler
 //! decisions and worker threads. It owns the WS 1 socket for as long as it lives.
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,6 +12,7 @@ use tungstenite::{Message, WebSocket};
 use super::scheduler::Admission;
 use super::{runner, streamer, Credentials, Ctx, Error};
 use crate::protocol::{valid_task_id, AgentMsg, RegisterRequest, RegisterResponse, ServerMsg};
+use crate::tls::ClientStream;
 use crate::util::Backoff;
 use crate::wsloop::{self, Flow, Inbox, Keepalive, Peer};
 
@@ -105,7 +105,7 @@ fn register(ctx: &Ctx) -> Result<Credentials, RegisterError> {
         .header("Authorization", format!("Bearer {}", c.registration_token))
         .header("Content-Type", "application/json")
         .send(body)
-        .map_err(|e| RegisterError::Retry(format!("{url}: {e}")))?;
+        .map_err(|e| RegisterError::Retry(format!("{url}: {}", crate::tls::describe(&e))))?;
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().unwrap_or_default();
     match status {
@@ -143,7 +143,7 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-fn connect(ctx: &Ctx, creds: &Credentials) -> Result<WebSocket<TcpStream>, ConnectError> {
+fn connect(ctx: &Ctx, creds: &Credentials) -> Result<WebSocket<ClientStream>, ConnectError> {
     connect_ws(ctx, creds, "/agent/control", wsloop::control_config())
 }
 
@@ -153,20 +153,10 @@ pub(crate) fn connect_ws(
     creds: &Credentials,
     path: &str,
     config: tungstenite::protocol::WebSocketConfig,
-) -> Result<WebSocket<TcpStream>, ConnectError> {
+) -> Result<WebSocket<ClientStream>, ConnectError> {
     let server = &ctx.config.server;
     let other = |e: &dyn std::fmt::Display| ConnectError::Other(e.to_string());
-    let addr = (server.host.as_str(), server.port)
-        .to_socket_addrs()
-        .map_err(|e| other(&e))?
-        .next()
-        .ok_or_else(|| ConnectError::Other(format!("{} has no address", server.host)))?;
-    let stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| other(&e))?;
-    stream.set_nodelay(true).map_err(|e| other(&e))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| other(&e))?;
+    let stream = ClientStream::connect(server, ctx.config.tls.as_ref()).map_err(|e| other(&e))?;
     let uri = server
         .ws(path)
         .parse()
@@ -195,7 +185,7 @@ fn state_msg(ctx: &Ctx) -> String {
     serde_json::to_string(&AgentMsg::State { state, running }).expect("state always serializes")
 }
 
-fn send_state(ctx: &Ctx, ws: &mut WebSocket<TcpStream>) -> Result<(), tungstenite::Error> {
+fn send_state(ctx: &Ctx, ws: &mut WebSocket<ClientStream>) -> Result<(), tungstenite::Error> {
     ws.send(Message::text(state_msg(ctx)))
 }
 

@@ -96,9 +96,13 @@ pub const FLAGS: &[FlagSpec] = &[
 ];
 
 /// The agent's checked configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub server: ServerUrl,
+    /// The roots the agent trusts (system + `--ca-cert`), for an `https://` server.
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// TLS for WebSockets to an `https://` server.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub registration_token: String,
     pub name: String,
     pub hostname: String,
@@ -117,6 +121,20 @@ fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "agent".into())
+}
+
+impl fmt::Debug for Config {
+    // By hand, so that the registration token never reaches a log or a panic message.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("server", &self.server)
+            .field("registration_token", &"<redacted>")
+            .field("name", &self.name)
+            .field("plan_limit", &self.plan_limit)
+            .field("work_dir", &self.work_dir)
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses `k=v` labels.
@@ -170,11 +188,21 @@ impl Config {
         } else {
             parse_labels(flag_labels.iter().map(String::as_str))?
         };
-        if get("--ca-cert").is_some() {
-            log::warn!("--ca-cert is ignored: this build talks plain http:// only");
-        }
+        let server = ServerUrl::parse(&server)?;
+        let ca = get("--ca-cert").map(PathBuf::from);
+        let roots = if server.tls {
+            crate::tls::roots(ca.as_deref())?
+        } else {
+            Vec::new()
+        };
         Ok(Config {
-            server: ServerUrl::parse(&server)?,
+            tls: if server.tls {
+                Some(crate::tls::client_config(&roots)?)
+            } else {
+                None
+            },
+            roots,
+            server,
             registration_token,
             name,
             hostname: host,
@@ -315,6 +343,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     })?;
     let http = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
+            .tls_config(crate::tls::ureq_config(&config.roots))
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             // No pooled keep-alive connection: between uploads the agent holds WS 1 only.

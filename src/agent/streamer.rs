@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -23,7 +22,8 @@ use super::control::connect_ws;
 use super::runner::{log_path, TaskHandle};
 use super::Ctx;
 use crate::protocol::{Action, LineSplitter, Phase, APPLY_MARKER, END_OF_TASK, MAX_LINE};
-use crate::wsloop;
+use crate::tls::ClientStream;
+use crate::wsloop::{self, Transport};
 
 /// How often a followed file is looked at for new bytes.
 const FOLLOW_EVERY: Duration = Duration::from_millis(50);
@@ -86,7 +86,7 @@ fn stream(
     let mut ws = connect_ws(ctx, &creds, &format!("/agent/stream/{task_id}"), config)
         .map_err(|e| e.to_string())?;
     log::info!("live stream of {task_id} open");
-    let tcp = ws.get_ref();
+    let tcp = ws.get_ref().tcp();
     tcp.set_write_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     // Short reads: between sends the streamer looks for a close from the server.
@@ -147,7 +147,7 @@ fn stream(
 
 /// WS 3 as the streamer uses it: blocking sends, and a glance for a close between them.
 struct Sender<'a> {
-    ws: &'a mut WebSocket<TcpStream>,
+    ws: &'a mut WebSocket<ClientStream>,
 }
 
 impl Sender<'_> {
@@ -183,6 +183,7 @@ impl Sender<'_> {
         let _ = self
             .ws
             .get_ref()
+            .tcp()
             .set_read_timeout(Some(Duration::from_secs(5)));
         self.ws.close(Some(frame)).map_err(|e| e.to_string())?;
         // Drive the close handshake until the server has answered (bounded by the timeout).

@@ -79,7 +79,7 @@ fn attempt_upload(ctx: &Ctx, url: &str, path: &Path) -> Result<(), (Option<u16>,
         .header(SHA256_HEADER, sha)
         .header(LENGTH_HEADER, len.to_string())
         .send(file)
-        .map_err(|e| (None, e.to_string()))?;
+        .map_err(|e| (None, crate::tls::describe(&e)))?;
     let status = resp.status().as_u16();
     if (200..300).contains(&status) {
         return Ok(());

@@ -6,7 +6,6 @@
 //! is a 500 with a generic message (the detail goes to the server log).
 
 use std::io::{self, Read};
-use std::net::TcpStream;
 use std::sync::Arc;
 
 use super::http::{Conn, Head, HeadError, Response};
@@ -17,6 +16,7 @@ use crate::protocol::{
     valid_task_id, AgentList, CreateTask, Phase, RegisterRequest, RegisterResponse, ServerMsg,
     TaskList, TaskStatus,
 };
+use crate::tls::ServerStream;
 use crate::util::now_rfc3339;
 use crate::wsloop::Outgoing;
 
@@ -116,7 +116,7 @@ fn internal(e: StoreError) -> Response {
 /// body was consumed (if not, the connection cannot be reused).
 struct Req<'a> {
     head: &'a Head,
-    conn: &'a mut Conn<TcpStream>,
+    conn: &'a mut Conn<ServerStream>,
     body_len: u64,
     body_read: bool,
 }
@@ -140,7 +140,7 @@ impl Req<'_> {
 }
 
 /// Serves one client connection until it closes or becomes a WebSocket.
-pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+pub(crate) fn serve_connection(shared: Arc<Shared>, stream: ServerStream) {
     let mut conn = Conn::new(stream, shared.config.limits);
     loop {
         let head = match conn.read_head() {
@@ -204,7 +204,7 @@ pub(crate) fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-fn switch_protocols(stream: &mut TcpStream, accept_key: &str) -> io::Result<()> {
+fn switch_protocols(stream: &mut ServerStream, accept_key: &str) -> io::Result<()> {
     use std::io::Write;
     write!(
         stream,

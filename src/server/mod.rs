@@ -50,7 +50,7 @@ use signal_hook::iterator::Signals;
 use crate::cli::Flags;
 
 /// The server's checked configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: String,
     pub data_dir: PathBuf,
@@ -70,6 +70,24 @@ pub struct Config {
     pub max_request_bytes: u64,
     pub max_log_bytes: u64,
     pub(crate) limits: http::Limits,
+    /// HTTPS/WSS on the listening port when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl fmt::Debug for Config {
+    // By hand, so that the tokens never reach a log or a panic message.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "registration_token",
+                &self.registration_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Flags that take a value, with their environment variable and help.
@@ -97,7 +115,7 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
     (
         "--tls-cert",
         "IAC_TLS_CERT",
-        "PEM certificate chain for HTTPS/WSS (with --tls-key)",
+        "PEM certificate chain: serve HTTPS/WSS on the same port (with --tls-key)",
     ),
     (
         "--tls-key",
@@ -154,13 +172,14 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
 impl Config {
     pub fn from_flags(flags: &Flags) -> Result<Config, String> {
         let get = |name: &str| flags.value(name, FLAGS);
-        if get("--tls-cert").is_some() || get("--tls-key").is_some() {
-            return Err(
-                "TLS (--tls-cert/--tls-key) is not available in this build yet; \
-                        serve plain HTTP behind a TLS-terminating proxy for now"
-                    .into(),
-            );
-        }
+        let tls = match (get("--tls-cert"), get("--tls-key")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::tls::server_config(
+                std::path::Path::new(&cert),
+                std::path::Path::new(&key),
+            )?),
+            _ => return Err("--tls-cert and --tls-key go together: give both, or neither".into()),
+        };
         let nonempty = |name: &str| -> Result<Option<String>, String> {
             match get(name) {
                 Some(v) if v.trim().is_empty() => Err(format!("{name} must not be empty")),
@@ -212,6 +231,7 @@ impl Config {
             )?,
             max_log_bytes: flags.number("--max-log-bytes", FLAGS, 1 << 30, 1024..=(1 << 40))?,
             limits: http::Limits::default(),
+            tls,
         })
     }
 }
@@ -355,7 +375,12 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
             .map_err(io_err("cannot start the signal thread".into()))?;
     }
-    eprintln!("listening on http://{addr}");
+    let scheme = if shared.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    eprintln!("listening on {scheme}://{addr}");
     log::info!("data dir {}", shared.config.data_dir.display());
     for stream in listener.incoming() {
         match stream {
@@ -429,6 +454,13 @@ fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {
         drop(slot);
         return;
     }
+    let stream = match crate::tls::ServerStream::new(stream, shared.config.tls.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot start TLS on a connection: {e}");
+            return;
+        }
+    };
     let shared = shared.clone();
     let spawned = thread::Builder::new()
         .name("conn".into())
@@ -478,7 +510,14 @@ mod tests {
         assert!(parse(&["--heartbeat-ms", "0"])
             .unwrap_err()
             .contains("--heartbeat-ms"));
-        assert!(parse(&["--tls-cert", "x"]).unwrap_err().contains("TLS"));
+        assert!(parse(&["--tls-cert", "x"])
+            .unwrap_err()
+            .contains("go together"));
+        assert!(
+            parse(&["--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"])
+                .unwrap_err()
+                .contains("--tls-cert /nonexistent")
+        );
         assert!(parse(&["--api-token", " "]).unwrap_err().contains("empty"));
     }
 }

@@ -149,8 +149,10 @@ impl Server {
             .args(extra)
             .env_remove("IAC_LISTEN");
         let proc = Proc::spawn_cmd(cmd);
-        let line = proc.wait_line("listening on http://", Duration::from_secs(20));
-        let url = line[line.find("http://").unwrap()..].trim().to_string();
+        let line = proc.wait_line("listening on ", Duration::from_secs(20));
+        let url = line[line.find("listening on ").unwrap() + 13..]
+            .trim()
+            .to_string();
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
         Server {
             proc,
@@ -207,11 +209,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: &str) -> Client {
+        Client::with_ca(base, token, None)
+    }
+
+    /// A client that also trusts the CA in `ca` (PEM), for an `https://` server.
+    pub fn with_ca(base: &str, token: &str, ca: Option<&Path>) -> Client {
+        let roots = iac::tls::roots(ca).unwrap();
         Client {
             base: base.to_string(),
             token: token.to_string(),
             http: ureq::Agent::new_with_config(
                 ureq::Agent::config_builder()
+                    .tls_config(iac::tls::ureq_config(&roots))
                     .http_status_as_error(false)
                     .timeout_global(Some(Duration::from_secs(30)))
                     .build(),
@@ -614,4 +623,126 @@ pub fn alive(pid: u32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
             .unwrap_or(true)
+}
+
+/// Certificates made at test time with the `openssl` command: a CA, a server certificate
+/// it signed for `localhost` and 127.0.0.1, one for another host name, and a server
+/// certificate from another CA.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub wrong_name_cert: PathBuf,
+    pub wrong_name_key: PathBuf,
+    pub other_ca_cert: PathBuf,
+    pub other_ca_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+fn make_leaf(dir: &Path, ca: &str, name: &str, san: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            "/CN=iac-server",
+        ],
+    );
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        make_ca(dir, "test-ca");
+        make_ca(dir, "other-ca");
+        make_leaf(dir, "test-ca", "server", "DNS:localhost,IP:127.0.0.1");
+        make_leaf(dir, "test-ca", "wrong-name", "DNS:elsewhere.example");
+        make_leaf(
+            dir,
+            "other-ca",
+            "other-server",
+            "DNS:localhost,IP:127.0.0.1",
+        );
+        Pki {
+            ca: dir.join("test-ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            wrong_name_cert: dir.join("wrong-name.pem"),
+            wrong_name_key: dir.join("wrong-name.key"),
+            other_ca_cert: dir.join("other-server.pem"),
+            other_ca_key: dir.join("other-server.key"),
+        }
+    }
 }

@@ -1,0 +1,243 @@
+//! TLS, all of it in one place: rustls 0.23 with the ring provider (no OpenSSL, no
+//! aws-lc). The server serves HTTPS and WSS on its one port with `--tls-cert/--tls-key`;
+//! the agent and `iac` verify the server against the system's roots plus an optional
+//! private CA (`--ca-cert`), host name included, for HTTP (ureq) and WebSockets alike.
+//! There is no fallback to plain text: an `https://` server is TLS or nothing.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+};
+
+use crate::wsloop::Transport;
+
+/// The one crypto provider.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server's TLS settings from a PEM certificate chain and a PEM private key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("--tls-cert/--tls-key do not go together: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// The roots a client trusts: the system's, plus every certificate in `ca` (PEM).
+pub fn roots(ca: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut roots = Vec::new();
+    let native = rustls_native_certs::load_native_certs();
+    roots.extend(native.certs);
+    if let Some(ca) = ca {
+        let extra: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("--ca-cert {}: {e}", ca.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--ca-cert {}: {e}", ca.display()))?;
+        if extra.is_empty() {
+            return Err(format!("--ca-cert {}: no certificate in it", ca.display()));
+        }
+        roots.extend(extra);
+    }
+    Ok(roots)
+}
+
+/// A client's TLS settings for WebSockets.
+pub fn client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, String> {
+    let mut store = RootCertStore::empty();
+    let (_added, _ignored) = store.add_parsable_certificates(roots.iter().cloned());
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// ureq's TLS settings with the same roots and provider.
+pub fn ureq_config(roots: &[CertificateDer<'static>]) -> ureq::tls::TlsConfig {
+    let certs = roots
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(provider())
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+        .build()
+}
+
+/// An error message, with a hint when it is a TLS problem.
+pub fn describe(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let tls_ish = [
+        "certificate",
+        "rustls",
+        "tls",
+        "TLS",
+        "handshake",
+        "CorruptMessage",
+    ];
+    if tls_ish.iter().any(|k| s.contains(k)) && !s.starts_with("TLS: ") {
+        explain(&s)
+    } else {
+        s
+    }
+}
+
+/// Turns rustls' certificate errors into a sentence that says what to do.
+pub fn explain(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let hint = if s.contains("UnknownIssuer") {
+        " (the server's certificate is not signed by a CA this side trusts: pass --ca-cert with the CA that signed it)"
+    } else if s.contains("NotValidForName") || s.contains("not valid for name") {
+        " (the server's certificate is not for the host name in the URL)"
+    } else if s.contains("Expired") {
+        " (the server's certificate has expired)"
+    } else if s.contains("CorruptMessage") || s.contains("InvalidContentType") {
+        " (is the server speaking TLS? use http:// for a plain server)"
+    } else {
+        ""
+    };
+    format!("TLS: {s}{hint}")
+}
+
+/// What the server speaks on an accepted connection.
+pub enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl ServerStream {
+    pub fn new(tcp: TcpStream, tls: Option<&Arc<ServerConfig>>) -> io::Result<ServerStream> {
+        Ok(match tls {
+            None => ServerStream::Plain(tcp),
+            Some(config) => {
+                let conn = ServerConnection::new(config.clone()).map_err(io::Error::other)?;
+                ServerStream::Tls(Box::new(StreamOwned::new(conn, tcp)))
+            }
+        })
+    }
+}
+
+/// What a client speaks to the server.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl ClientStream {
+    /// Connects to the server of `url` (10 s to connect, reads time out after 10 s until
+    /// the caller changes that), with TLS when the URL is `https://`.
+    pub fn connect(
+        url: &crate::util::ServerUrl,
+        config: Option<&Arc<ClientConfig>>,
+    ) -> io::Result<ClientStream> {
+        use std::net::ToSocketAddrs;
+        use std::time::Duration;
+        let addr = (url.host.as_str(), url.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} has no address", url.host),
+                )
+            })?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        if url.tls && config.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an https:// server needs TLS settings",
+            ));
+        }
+        ClientStream::new(tcp, &url.host, if url.tls { config } else { None })
+    }
+
+    /// Wraps `tcp` in TLS for `host` when `config` is given, and completes the handshake
+    /// (so that certificate problems show up here, with a clear message).
+    pub fn new(
+        tcp: TcpStream,
+        host: &str,
+        config: Option<&Arc<ClientConfig>>,
+    ) -> io::Result<ClientStream> {
+        let Some(config) = config else {
+            return Ok(ClientStream::Plain(tcp));
+        };
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
+        let conn = ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
+        let mut stream = StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| io::Error::new(e.kind(), explain(&e)))?;
+        }
+        Ok(ClientStream::Tls(Box::new(stream)))
+    }
+}
+
+macro_rules! stream_impls {
+    ($t:ident) => {
+        impl Read for $t {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self {
+                    $t::Plain(s) => s.read(buf),
+                    $t::Tls(s) => s.read(buf),
+                }
+            }
+        }
+
+        impl Write for $t {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                match self {
+                    $t::Plain(s) => s.write(buf),
+                    $t::Tls(s) => s.write(buf),
+                }
+            }
+
+            fn flush(&mut self) -> io::Result<()> {
+                match self {
+                    $t::Plain(s) => s.flush(),
+                    $t::Tls(s) => s.flush(),
+                }
+            }
+        }
+
+        impl Transport for $t {
+            fn tcp(&self) -> &TcpStream {
+                match self {
+                    $t::Plain(s) => s,
+                    $t::Tls(s) => &s.sock,
+                }
+            }
+        }
+    };
+}
+
+stream_impls!(ServerStream);
+stream_impls!(ClientStream);
