@@ -328,6 +328,9 @@ pub struct AgentView {
     pub running: Vec<String>,
     pub labels: Labels,
     pub last_seen: Option<String>,
+    /// Extension: when an administrator revoked the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
 }
 
 /// `GET /api/agents` answer.

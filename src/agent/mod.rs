@@ -247,13 +247,78 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// The agent's identity, from its last registration.
-#[derive(Debug, Clone)]
+/// The agent's identity, from its last registration. (No `Debug`: it holds the token.)
+#[derive(Clone)]
 pub(crate) struct Credentials {
     pub agent_id: String,
     pub token: String,
     pub heartbeat: Duration,
     pub ping_interval: Duration,
+}
+
+/// The credentials file in the work dir (mode 0600): the agent comes back after a
+/// restart with its own token, without using the registration token again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCredentials {
+    server: String,
+    name: String,
+    agent_id: String,
+    agent_token: String,
+    heartbeat_interval_ms: u64,
+    ping_interval_ms: u64,
+}
+
+fn credentials_path(config: &Config) -> PathBuf {
+    config.work_dir.join("agent-credentials.json")
+}
+
+/// The saved credentials, if they are for this server and this name.
+pub(crate) fn load_credentials(config: &Config) -> Option<Credentials> {
+    let bytes = std::fs::read(credentials_path(config)).ok()?;
+    let saved: SavedCredentials = serde_json::from_slice(&bytes).ok()?;
+    (saved.server == config.server.http("") && saved.name == config.name).then(|| Credentials {
+        agent_id: saved.agent_id,
+        token: saved.agent_token,
+        heartbeat: Duration::from_millis(saved.heartbeat_interval_ms.clamp(100, 600_000)),
+        ping_interval: Duration::from_millis(saved.ping_interval_ms.clamp(100, 600_000)),
+    })
+}
+
+/// Saves (or, with `None`, forgets) the credentials, mode 0600.
+pub(crate) fn save_credentials(config: &Config, creds: Option<&Credentials>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = credentials_path(config);
+    let Some(c) = creds else {
+        let _ = std::fs::remove_file(&path);
+        return;
+    };
+    let saved = SavedCredentials {
+        server: config.server.http(""),
+        name: config.name.clone(),
+        agent_id: c.agent_id.clone(),
+        agent_token: c.token.clone(),
+        heartbeat_interval_ms: c.heartbeat.as_millis() as u64,
+        ping_interval_ms: c.ping_interval.as_millis() as u64,
+    };
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&serde_json::to_vec(&saved).unwrap_or_default())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        log::warn!(
+            "cannot save the agent's credentials in {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// What the C&C thread and the workers share.
@@ -283,7 +348,9 @@ impl Ctx {
         lock(&self.credentials).clone()
     }
 
+    /// Sets (and saves, or forgets) the agent's credentials.
     pub fn set_credentials(&self, c: Option<Credentials>) {
+        save_credentials(&self.config, c.as_ref());
         *lock(&self.credentials) = c;
     }
 
@@ -357,6 +424,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         wsloop::mailbox().map_err(|e| Error::Io("cannot create the C&C mailbox".into(), e))?;
     let outbox = outbox::Outbox::open(&config.work_dir.join("outbox"))
         .map_err(|e| Error::Io("cannot open the outbox".into(), e))?;
+    let saved = load_credentials(&config);
     let ctx = Arc::new(Ctx {
         outbox,
         acked: AtomicU64::new(0),
@@ -366,7 +434,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         config,
         http,
         mailbox,
-        credentials: Mutex::new(None),
+        credentials: Mutex::new(saved),
         tasks: Mutex::new(HashMap::new()),
         streams: Mutex::new(HashMap::new()),
     });

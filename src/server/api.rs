@@ -37,6 +37,8 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/tasks/{task_id}/logs/{phase}"),
     ("POST", "/api/tasks/{task_id}/logs/upload"),
     ("GET", "/api/agents"),
+    ("DELETE", "/api/agents/{agent_id}"),
+    ("POST", "/api/registration-token/rotate"),
 ];
 
 /// The outcome of routing a path.
@@ -262,6 +264,8 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
         ("GET", "/api/tasks/{task_id}/logs/{phase}") => get_log(shared, head, task()?, caps[1]),
         ("POST", "/api/tasks/{task_id}/logs/upload") => upload_log(shared, req, task()?),
         ("GET", "/api/agents") => list_agents(shared, head),
+        ("DELETE", "/api/agents/{agent_id}") => revoke_agent(shared, head, caps[0]),
+        ("POST", "/api/registration-token/rotate") => rotate_registration(shared, head),
         (m, p) => Err(Response::error(
             500,
             format!("route {m} {p} has no handler"),
@@ -271,7 +275,7 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
 
 fn client_auth(shared: &Shared, head: &Head) -> Result<(), Response> {
     match head.bearer() {
-        Some(t) if auth::matches(t, &shared.api_token_hash) => Ok(()),
+        Some(t) if auth::matches_any(t, &shared.api_token_hashes) => Ok(()),
         Some(_) => Err(Response::error(401, "the API token is not valid")),
         None => Err(Response::error(
             401,
@@ -296,7 +300,7 @@ fn agent_auth(shared: &Shared, head: &Head) -> Result<AgentRow, Response> {
 
 fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
     match req.head.bearer() {
-        Some(t) if auth::matches(t, &shared.registration_token_hash) => {}
+        Some(t) if auth::matches(t, &shared.registration_hash()) => {}
         _ => return Err(Response::error(
             401,
             "missing or wrong registration token: send Authorization: Bearer <registration token>",
@@ -327,10 +331,14 @@ fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
         ));
     }
     let token = auth::new_token().map_err(|e| internal(e.into()))?;
-    let agent_id = shared
+    let agent_id = match shared
         .store
         .register_agent(&body, &auth::hash(&token), &now_rfc3339())
-        .map_err(internal)?;
+    {
+        Ok(id) => id,
+        Err(StoreError::Revoked(msg)) => return Err(Response::error(403, msg)),
+        Err(e) => return Err(internal(e)),
+    };
     log::info!("agent {} registered as {agent_id}", body.name);
     Ok(Reply::Answer(Response::json(
         200,
@@ -390,7 +398,7 @@ fn viewer_upgrade(shared: &Shared, head: &Head, id: &str) -> Handled {
     // Browsers cannot set headers on a WebSocket: the token may come as a parameter.
     match (head.bearer(), head.query_param("access_token")) {
         (Some(_), _) => client_auth(shared, head)?,
-        (None, Some(t)) if auth::matches(&t, &shared.api_token_hash) => {}
+        (None, Some(t)) if auth::matches_any(&t, &shared.api_token_hashes) => {}
         (None, Some(_)) => return Err(Response::error(401, "the API token is not valid")),
         (None, None) => {
             return Err(Response::error(
@@ -618,6 +626,73 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+fn revoke_agent(shared: &Shared, head: &Head, agent_id: &str) -> Handled {
+    client_auth(shared, head)?;
+    let now = now_rfc3339();
+    if !shared
+        .store
+        .revoke_agent(agent_id, &now)
+        .map_err(internal)?
+    {
+        return Err(Response::error(404, format!("no agent {agent_id:?}")));
+    }
+    // Its running tasks end here (the agent is told to stop them while it can hear).
+    let mailbox = shared.registry().mailbox(agent_id);
+    let mut canceled = Vec::new();
+    for t in shared
+        .store
+        .tasks(Some(TaskStatus::Running), 10_000)
+        .map_err(internal)?
+    {
+        if t.agent_id.as_deref() != Some(agent_id) {
+            continue;
+        }
+        if let Some(m) = &mailbox {
+            let msg = ServerMsg::CancelTask {
+                task_id: t.task_id.clone(),
+            };
+            m.send_text(serde_json::to_string(&msg).unwrap_or_default());
+        }
+        shared
+            .store
+            .update_task(&t.task_id, |r| r.cancel_by_server(&now))
+            .map_err(internal)?;
+        shared.hub().nudge(&t.task_id);
+        canceled.push(t.task_id);
+    }
+    if let Some(m) = mailbox {
+        m.send(Outgoing::Close(4003, "agent token revoked".into()));
+    }
+    log::warn!("agent {agent_id} revoked; its running tasks {canceled:?} canceled");
+    Ok(Reply::Answer(Response::json(
+        200,
+        &serde_json::json!({"agent_id": agent_id, "revoked": true, "canceled_tasks": canceled}),
+    )))
+}
+
+fn rotate_registration(shared: &Shared, head: &Head) -> Handled {
+    client_auth(shared, head)?;
+    let mut reg = shared
+        .registration
+        .write()
+        .unwrap_or_else(|p| p.into_inner());
+    if reg.from_flag {
+        return Err(Response::error(
+            409,
+            "the registration token is set by --registration-token (or IAC_REGISTRATION_TOKEN): change it there",
+        ));
+    }
+    let token = auth::new_token().map_err(|e| internal(e.into()))?;
+    auth::save(&token, &shared.config.data_dir.join("registration-token"))
+        .map_err(|e| internal(e.into()))?;
+    reg.hash = auth::hash(&token);
+    log::warn!("registration token rotated; registered agents keep their own tokens");
+    Ok(Reply::Answer(Response::json(
+        200,
+        &serde_json::json!({"registration_token": token}),
+    )))
 }
 
 fn list_agents(shared: &Shared, head: &Head) -> Handled {

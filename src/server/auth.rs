@@ -29,6 +29,36 @@ pub(crate) fn new_token() -> io::Result<String> {
     crate::util::new_token()
 }
 
+/// The registration token as the server holds it.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    pub hash: String,
+    /// Set by `--registration-token`: rotating it means changing the flag.
+    pub from_flag: bool,
+}
+
+/// Whether `token` is one of `hashes`.
+pub(crate) fn matches_any(token: &str, hashes: &[String]) -> bool {
+    // Every comparison runs, so the time does not say which one matched.
+    hashes
+        .iter()
+        .fold(false, |found, h| matches(token, h) | found)
+}
+
+/// Writes a token to `file` with mode 0600, durably.
+pub(crate) fn save(token: &str, file: &Path) -> io::Result<()> {
+    let tmp = file.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{token}\n").as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, file)
+}
+
 /// Where a token came from, so the server can say so once.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Source {
@@ -50,14 +80,7 @@ pub(crate) fn load_or_create(given: Option<&str>, file: &Path) -> io::Result<(St
         Err(e) => return Err(e),
     }
     let token = new_token()?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(file)?;
-    f.write_all(format!("{token}\n").as_bytes())?;
-    f.sync_all()?;
+    save(&token, file)?;
     Ok((token, Source::Generated))
 }
 

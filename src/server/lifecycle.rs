@@ -205,6 +205,26 @@ impl TaskRecord {
         Ok(Change::Changed)
     }
 
+    /// The server ends a running task itself (its agent was revoked): `canceled`.
+    pub(crate) fn cancel_by_server(&mut self, now: &str) -> Outcome {
+        if self.status != TaskStatus::Running {
+            return Ok(Change::Unchanged);
+        }
+        self.status = TaskStatus::Canceled;
+        self.finished_at = Some(now.to_string());
+        for p in self.phases.values_mut() {
+            match p.status {
+                PhaseStatus::Pending => p.status = PhaseStatus::Skipped,
+                PhaseStatus::Running => {
+                    p.status = PhaseStatus::Canceled;
+                    p.finished_at = Some(now.to_string());
+                }
+                _ => {}
+            }
+        }
+        Ok(Change::Changed)
+    }
+
     /// A client asked to cancel. A queued task ends here; a running one needs its agent
     /// (`Ok(Unchanged)`: send `cancel_task`, the agent reports `canceled`).
     pub(crate) fn cancel(&mut self, now: &str) -> Outcome {

@@ -54,7 +54,9 @@ use crate::cli::Flags;
 pub struct Config {
     pub listen: String,
     pub data_dir: PathBuf,
-    pub api_token: Option<String>,
+    /// API tokens given by flags, the environment or a file; more than one lets a token
+    /// be rotated without downtime. None given: one is generated.
+    pub api_tokens: Vec<String>,
     pub registration_token: Option<String>,
     pub heartbeat_interval: Duration,
     /// WebSocket pings on every connection; a peer silent for two intervals is dead.
@@ -80,7 +82,10 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
-            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "api_tokens",
+                &format!("<{} redacted>", self.api_tokens.len()),
+            )
             .field(
                 "registration_token",
                 &self.registration_token.as_ref().map(|_| "<redacted>"),
@@ -105,7 +110,12 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
     (
         "--api-token",
         "IAC_API_TOKEN",
-        "token of API clients (default: generated, saved in the data dir)",
+        "token of API clients, repeatable (default: generated, saved in the data dir)",
+    ),
+    (
+        "--api-tokens-file",
+        "IAC_API_TOKENS_FILE",
+        "a file of API tokens, one per line (with or instead of --api-token)",
     ),
     (
         "--registration-token",
@@ -169,6 +179,35 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Every API token: each `--api-token` (else `IAC_API_TOKEN`, comma-separated) and each
+/// line of `--api-tokens-file`.
+fn api_tokens(flags: &Flags) -> Result<Vec<String>, String> {
+    let mut tokens = flags.values("--api-token");
+    if tokens.is_empty() {
+        if let Ok(env) = std::env::var("IAC_API_TOKEN") {
+            tokens.extend(env.split(',').map(str::to_string));
+        }
+    }
+    if let Some(file) = flags.value("--api-tokens-file", FLAGS) {
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("--api-tokens-file {file}: {e}"))?;
+        tokens.extend(text.lines().map(str::to_string));
+    }
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+        return Err(format!(
+            "an API token must have at least 16 characters ({} has {})",
+            "a given one",
+            short.len()
+        ));
+    }
+    Ok(tokens)
+}
+
 impl Config {
     pub fn from_flags(flags: &Flags) -> Result<Config, String> {
         let get = |name: &str| flags.value(name, FLAGS);
@@ -189,7 +228,7 @@ impl Config {
         Ok(Config {
             listen: get("--listen").unwrap_or_else(|| "127.0.0.1:8080".into()),
             data_dir: PathBuf::from(get("--data-dir").unwrap_or_else(|| "./iac-data".into())),
-            api_token: nonempty("--api-token")?,
+            api_tokens: api_tokens(flags)?,
             registration_token: nonempty("--registration-token")?,
             heartbeat_interval: Duration::from_millis(flags.number(
                 "--heartbeat-ms",
@@ -263,8 +302,10 @@ pub(crate) struct Shared {
     registry: Mutex<registry::Registry>,
     hub: Mutex<client_hub::Hub>,
     kick: Sender<()>,
-    pub api_token_hash: String,
-    pub registration_token_hash: String,
+    /// Hashes of every API token accepted.
+    pub api_token_hashes: Vec<String>,
+    /// The registration token (hash), which can be rotated while the server runs.
+    pub registration: std::sync::RwLock<auth::Registration>,
     /// Connections being served now.
     connections: Arc<AtomicUsize>,
 }
@@ -293,6 +334,14 @@ impl Shared {
         crate::wsloop::Keepalive::every(self.config.ping_interval)
     }
 
+    pub fn registration_hash(&self) -> String {
+        self.registration
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .hash
+            .clone()
+    }
+
     /// Asks the dispatcher to look at the queue.
     pub fn kick(&self) {
         let _ = self.kick.send(());
@@ -308,10 +357,15 @@ pub fn run(config: Config) -> Result<(), Error> {
     let io_err = |what: String| move |e| Error::Io(what, e);
     let store = store::Store::open(&config.data_dir).map_err(|e| Error::Store(e.to_string()))?;
     let api = auth::load_or_create(
-        config.api_token.as_deref(),
+        config.api_tokens.first().map(String::as_str),
         &config.data_dir.join("api-token"),
     )
     .map_err(io_err("api token".into()))?;
+    let mut api_token_hashes: Vec<String> =
+        config.api_tokens.iter().map(|t| auth::hash(t)).collect();
+    if api_token_hashes.is_empty() {
+        api_token_hashes.push(auth::hash(&api.0));
+    }
     let reg = auth::load_or_create(
         config.registration_token.as_deref(),
         &config.data_dir.join("registration-token"),
@@ -341,8 +395,11 @@ pub fn run(config: Config) -> Result<(), Error> {
         hub: Mutex::new(client_hub::Hub::default()),
         kick,
         connections: Arc::new(AtomicUsize::new(0)),
-        api_token_hash: auth::hash(&api.0),
-        registration_token_hash: auth::hash(&reg.0),
+        api_token_hashes,
+        registration: std::sync::RwLock::new(auth::Registration {
+            hash: auth::hash(&reg.0),
+            from_flag: reg.1 == auth::Source::Given,
+        }),
         config,
     });
     {
@@ -518,6 +575,20 @@ mod tests {
                 .unwrap_err()
                 .contains("--tls-cert /nonexistent")
         );
-        assert!(parse(&["--api-token", " "]).unwrap_err().contains("empty"));
+        assert!(parse(&["--api-token", "short"])
+            .unwrap_err()
+            .contains("at least 16"));
+        let c = parse(&[
+            "--api-token",
+            "0123456789abcdef",
+            "--api-token",
+            "fedcba9876543210",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.api_tokens.len(),
+            2,
+            "repeatable, for rotation without downtime"
+        );
     }
 }

@@ -28,6 +28,8 @@ pub(crate) enum StoreError {
     Corrupt(String),
     /// An upload whose bytes do not match the checksum it came with.
     Mismatch(String),
+    /// A revoked agent tried to register again.
+    Revoked(String),
 }
 
 impl fmt::Display for StoreError {
@@ -36,7 +38,7 @@ impl fmt::Display for StoreError {
             StoreError::Db(e) => write!(f, "database: {e}"),
             StoreError::Io(e) => write!(f, "log archive: {e}"),
             StoreError::Corrupt(s) => write!(f, "stored data is damaged: {s}"),
-            StoreError::Mismatch(s) => write!(f, "{s}"),
+            StoreError::Mismatch(s) | StoreError::Revoked(s) => write!(f, "{s}"),
         }
     }
 }
@@ -67,6 +69,7 @@ pub(crate) struct AgentRow {
     pub plan_limit: u32,
     pub labels: Labels,
     pub last_seen: Option<String>,
+    pub revoked_at: Option<String>,
 }
 
 impl AgentRow {
@@ -88,6 +91,7 @@ impl AgentRow {
             running: Vec::new(),
             labels: self.labels.clone(),
             last_seen: self.last_seen.clone(),
+            revoked_at: self.revoked_at.clone(),
         }
     }
 }
@@ -184,13 +188,15 @@ fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<AgentRow>>
         plan_limit: row.get(4)?,
         labels: Labels::new(),
         last_seen: row.get(6)?,
+        revoked_at: row.get(7)?,
     };
     Ok(serde_json::from_str(&labels)
         .map(|labels| AgentRow { labels, ..row })
         .map_err(corrupt("agent labels")))
 }
 
-const AGENT_COLUMNS: &str = "agent_id, name, hostname, version, plan_limit, labels, last_seen";
+const AGENT_COLUMNS: &str =
+    "agent_id, name, hostname, version, plan_limit, labels, last_seen, revoked_at";
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
@@ -238,13 +244,20 @@ impl Store {
     ) -> Result<String> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let existing: Option<String> = tx
+        let existing: Option<(String, Option<String>)> = tx
             .query_row(
-                "SELECT agent_id FROM agents WHERE name = ?1",
+                "SELECT agent_id, revoked_at FROM agents WHERE name = ?1",
                 [&req.name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        if let Some((id, Some(at))) = &existing {
+            return Err(StoreError::Revoked(format!(
+                "agent {} ({id}) was revoked at {at}; an administrator must delete it before the name can register again",
+                req.name
+            )));
+        }
+        let existing = existing.map(|(id, _)| id);
         let labels = to_json(&req.labels);
         let id =
             match existing {
@@ -299,6 +312,20 @@ impl Store {
         let mut stmt = db.prepare(&sql)?;
         let rows = stmt.query_map([], agent_from_row)?;
         rows.map(|r| r?).collect()
+    }
+
+    /// Revokes an agent: its token stops working at once, and its name cannot register
+    /// again. `false` when there is no such agent.
+    pub fn revoke_agent(&self, agent_id: &str, now: &str) -> Result<bool> {
+        let poison = format!(
+            "revoked-{}",
+            crate::util::hex(&crate::util::random_bytes(16)?)
+        );
+        let n = self.db().execute(
+            "UPDATE agents SET token_hash = ?2, revoked_at = COALESCE(revoked_at, ?3) WHERE agent_id = ?1",
+            params![agent_id, poison, now],
+        )?;
+        Ok(n > 0)
     }
 
     pub fn set_last_seen(&self, agent_id: &str, now: &str) -> Result<()> {
@@ -550,6 +577,9 @@ fn migrate(conn: &Connection) -> Result<()> {
     };
     if !has("tasks", "timeout_s")? {
         conn.execute_batch("ALTER TABLE tasks ADD COLUMN timeout_s INTEGER")?;
+    }
+    if !has("agents", "revoked_at")? {
+        conn.execute_batch("ALTER TABLE agents ADD COLUMN revoked_at TEXT")?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const API_TOKEN: &str = "test-api-token";
+pub const API_TOKEN: &str = "test-api-token-0001";
 pub const REG_TOKEN: &str = "test-registration-token";
 
 /// A fresh temporary directory, removed on drop.
