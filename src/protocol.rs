@@ -148,6 +148,9 @@ pub struct TaskData {
     /// and reports it `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// Extension: names of variables whose values the agent masks in every log line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive_variables: Vec<String>,
 }
 
 /// Server → agent on WS 1, tagged by `command`.
@@ -214,6 +217,9 @@ pub struct CreateTask {
     /// Extension: seconds the task may run (default: the server's `--task-timeout-s`).
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// Extension: variables whose values must never show in a log or an answer.
+    #[serde(default)]
+    pub sensitive_variables: Vec<String>,
 }
 
 /// The longest `timeout_s` a task may ask for: a week.
@@ -227,6 +233,7 @@ pub struct NewTask {
     pub variables: String,
     pub labels: Labels,
     pub timeout_s: Option<u64>,
+    pub sensitive_variables: Vec<String>,
 }
 
 impl CreateTask {
@@ -251,12 +258,21 @@ impl CreateTask {
                 ));
             }
         }
+        if self.sensitive_variables.len() > 256
+            || self
+                .sensitive_variables
+                .iter()
+                .any(|n| n.is_empty() || n.len() > 128)
+        {
+            return Err("sensitive_variables: at most 256 names of 1-128 bytes".into());
+        }
         Ok(NewTask {
             action: self.action,
             tf_json,
             variables,
             labels: self.labels,
             timeout_s: self.timeout_s,
+            sensitive_variables: self.sensitive_variables,
         })
     }
 }
@@ -308,6 +324,9 @@ pub struct TaskView {
     /// Extension: the seconds the task may run.
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// Extension: the names (never the values) of its sensitive variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive_variables: Vec<String>,
 }
 
 /// `GET /api/tasks` answer.
@@ -542,6 +561,7 @@ mod tests {
                 tf_json: "{}".into(),
                 variables: "{}".into(),
                 timeout_s: None,
+                sensitive_variables: Vec::new(),
             },
         })
         .unwrap();

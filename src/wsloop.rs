@@ -600,7 +600,7 @@ mod tests {
                 Instant::now() < deadline,
                 "the bound never filled ({sent} sent)"
             );
-            if sent % 100 == 0 {
+            if sent.is_multiple_of(100) {
                 thread::yield_now();
             }
         }

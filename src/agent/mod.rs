@@ -15,6 +15,7 @@
 //! - **signals** ([`shutdown`]): waits for SIGTERM/SIGINT and drains the agent.
 
 pub(crate) mod control;
+pub(crate) mod masker;
 pub(crate) mod outbox;
 pub(crate) mod recovery;
 pub(crate) mod runner;

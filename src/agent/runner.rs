@@ -200,6 +200,7 @@ fn run_phase(
     log: &mut File,
     phase: Phase,
     handle: &TaskHandle,
+    secrets: &[Vec<u8>],
 ) -> io::Result<i32> {
     for args in phase_steps(phase) {
         if handle.is_canceled() {
@@ -207,17 +208,23 @@ fn run_phase(
             return Ok(130);
         }
         writeln!(log, "$ terraform {}", args.join(" "))?;
+        // stdout and stderr share one pipe (so their order is kept) to the copier,
+        // which masks secrets on the way to the log file.
+        let (reader, writer) = io::pipe()?;
         let mut cmd = Command::new(&ctx.config.terraform);
         cmd.args(&args)
             .current_dir(dir)
             .env_clear()
             .envs(child_env(std::env::vars_os()))
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log.try_clone()?)
+            .stdout(writer.try_clone()?)
+            .stderr(writer)
             // Its own process group: a cancel signals Terraform and its providers.
             .process_group(0);
-        let mut child = match cmd.spawn() {
+        let spawned = cmd.spawn();
+        // Our copies of the pipe's write end go now, so the copier sees the end of it.
+        drop(cmd);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 writeln!(
@@ -228,9 +235,22 @@ fn run_phase(
                 return Ok(127);
             }
         };
+        let mut sink = log.try_clone()?;
+        let secrets = secrets.to_vec();
+        let copier = thread::Builder::new()
+            .name("log copier".into())
+            .spawn(move || super::masker::copy(reader, &mut sink, secrets))?;
         handle.set_child(Some(child.id() as i32));
         let status = child.wait();
         handle.set_child(None);
+        match copier.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => writeln!(
+                log,
+                "--- the agent could not write all of the output: {e} ---"
+            )?,
+            Err(_) => writeln!(log, "--- the agent's log copier failed ---")?,
+        }
         let code = exit_code(status?);
         if code != 0 {
             writeln!(log, "--- terraform {} exited with code {code} ---", args[0])?;
@@ -272,6 +292,7 @@ pub(crate) fn run_task(
         Action::Apply => &[Phase::Plan, Phase::Apply],
     };
     let mut last_code = 0;
+    let secrets = super::masker::secrets(&task.variables, &task.sensitive_variables);
     for (i, phase) in phases.iter().copied().enumerate() {
         let path = log_path(work, &id, phase);
         let opened = open_log(&path);
@@ -286,10 +307,12 @@ pub(crate) fn run_task(
                     );
                     -1
                 }
-                Ok(()) => run_phase(ctx, &dir, &mut log, phase, handle).unwrap_or_else(|e| {
-                    let _ = writeln!(log, "the agent could not run this phase: {e}");
-                    -1
-                }),
+                Ok(()) => {
+                    run_phase(ctx, &dir, &mut log, phase, handle, &secrets).unwrap_or_else(|e| {
+                        let _ = writeln!(log, "the agent could not run this phase: {e}");
+                        -1
+                    })
+                }
             },
             Err(e) => {
                 log::error!("{id}: cannot write {}: {e}", path.display());
@@ -436,6 +459,7 @@ mod tests {
             tf_json: "{\"output\":{}}".into(),
             variables: "{\"a\":1}".into(),
             timeout_s: None,
+            sensitive_variables: Vec::new(),
         };
         prepare(&work, &task).unwrap();
         fs::write(dir.join("stale"), "x").unwrap();

@@ -65,6 +65,7 @@ impl TaskRecord {
             exit_code: None,
             phases,
             timeout_s: None,
+            sensitive_variables: Vec::new(),
         }
     }
 

@@ -141,7 +141,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status, seq);
 ";
 
-const TASK_COLUMNS: &str = "task_id, action, status, agent_id, labels, created_at, started_at, finished_at, exit_code, phases, timeout_s";
+const TASK_COLUMNS: &str = "task_id, action, status, agent_id, labels, created_at, started_at, finished_at, exit_code, phases, timeout_s, sensitive";
 
 fn corrupt<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
     move |e| StoreError::Corrupt(format!("{what}: {e}"))
@@ -159,6 +159,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord>
     let finished_at: Option<String> = row.get(7)?;
     let exit_code: Option<i32> = row.get(8)?;
     let timeout_s: Option<i64> = row.get(10)?;
+    let sensitive: Option<String> = row.get(11)?;
     Ok((|| {
         Ok(TaskRecord {
             action: serde_json::from_value(serde_json::Value::String(action))
@@ -174,6 +175,10 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TaskRecord>
             finished_at,
             exit_code,
             timeout_s: timeout_s.map(|t| t.max(0) as u64),
+            sensitive_variables: match sensitive {
+                Some(s) => serde_json::from_str(&s).map_err(corrupt("sensitive variables"))?,
+                None => Vec::new(),
+            },
         })
     })())
 }
@@ -345,9 +350,10 @@ impl Store {
         let tmp = format!("new-{}", crate::util::hex(&crate::util::random_bytes(16)?));
         let mut rec = TaskRecord::new(tmp.clone(), task.action, task.labels.clone(), now);
         rec.timeout_s = task.timeout_s;
+        rec.sensitive_variables = task.sensitive_variables.clone();
         tx.execute(
-            "INSERT INTO tasks (task_id, action, status, labels, tf_json, variables, created_at, phases, timeout_s)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO tasks (task_id, action, status, labels, tf_json, variables, created_at, phases, timeout_s, sensitive)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 tmp,
                 task.action.as_str(),
@@ -357,7 +363,8 @@ impl Store {
                 task.variables,
                 now,
                 to_json(&rec.phases),
-                task.timeout_s.map(|t| t as i64)
+                task.timeout_s.map(|t| t as i64),
+                to_json(&task.sensitive_variables)
             ],
         )?;
         rec.task_id = format!("T-{:06}", tx.last_insert_rowid());
@@ -412,16 +419,17 @@ impl Store {
     pub fn task_data(&self, task_id: &str) -> Result<Option<TaskData>> {
         let db = self.db();
         db.query_row(
-            "SELECT action, tf_json, variables, timeout_s FROM tasks WHERE task_id = ?1",
+            "SELECT action, tf_json, variables, timeout_s, sensitive FROM tasks WHERE task_id = ?1",
             [task_id],
             |row| {
                 let action: String = row.get(0)?;
                 let timeout: Option<i64> = row.get(3)?;
-                Ok((action, row.get(1)?, row.get(2)?, timeout))
+                let sensitive: Option<String> = row.get(4)?;
+                Ok((action, row.get(1)?, row.get(2)?, timeout, sensitive))
             },
         )
         .optional()?
-        .map(|(action, tf_json, variables, timeout)| {
+        .map(|(action, tf_json, variables, timeout, sensitive)| {
             Ok(TaskData {
                 task_id: task_id.to_string(),
                 action: serde_json::from_value(serde_json::Value::String(action))
@@ -429,6 +437,10 @@ impl Store {
                 tf_json,
                 variables,
                 timeout_s: timeout.map(|t| t.max(0) as u64),
+                sensitive_variables: match sensitive {
+                    Some(s) => serde_json::from_str(&s).map_err(corrupt("sensitive variables"))?,
+                    None => Vec::new(),
+                },
             })
         })
         .transpose()
@@ -578,6 +590,9 @@ fn migrate(conn: &Connection) -> Result<()> {
     if !has("tasks", "timeout_s")? {
         conn.execute_batch("ALTER TABLE tasks ADD COLUMN timeout_s INTEGER")?;
     }
+    if !has("tasks", "sensitive")? {
+        conn.execute_batch("ALTER TABLE tasks ADD COLUMN sensitive TEXT")?;
+    }
     if !has("agents", "revoked_at")? {
         conn.execute_batch("ALTER TABLE agents ADD COLUMN revoked_at TEXT")?;
     }
@@ -629,6 +644,7 @@ mod tests {
             variables: "{}".into(),
             labels: Labels::new(),
             timeout_s: None,
+            sensitive_variables: Vec::new(),
         }
     }
 
