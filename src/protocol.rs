@@ -215,7 +215,7 @@ pub struct CreateTask {
     #[serde(default)]
     pub labels: Labels,
     /// Extension: seconds the task may run (default: the server's `--task-timeout-s`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub timeout_s: Option<u64>,
     /// Extension: variables whose values must never show in a log or an answer.
     #[serde(default)]
@@ -224,6 +224,24 @@ pub struct CreateTask {
 
 /// The longest `timeout_s` a task may ask for: a week.
 pub const MAX_TIMEOUT_S: u64 = 7 * 86_400;
+
+/// A whole number given as JSON `840` or `840.0` (both are integers to JSON Schema).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= 1e15)
+                    .map(|f| f as u64)
+            })
+            .map(Some)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("{n} is not a whole number of seconds"))
+            }),
+    }
+}
 
 /// A checked task request, ready to store.
 #[derive(Debug, Clone, PartialEq)]
@@ -590,6 +608,22 @@ mod tests {
         assert_eq!(t.variables, r#"{"a":1}"#);
         let req: CreateTask = serde_json::from_str(r#"{"action": "plan", "tf_json": {}}"#).unwrap();
         assert_eq!(req.normalize().unwrap().variables, "{}");
+    }
+
+    #[test]
+    fn timeouts_are_whole_numbers() {
+        let parse = |t: &str| {
+            serde_json::from_str::<CreateTask>(&format!(
+                r#"{{"action": "plan", "tf_json": {{}}, "timeout_s": {t}}}"#
+            ))
+            .map(|c| c.timeout_s)
+        };
+        assert_eq!(parse("840").unwrap(), Some(840));
+        assert_eq!(parse("840.0").unwrap(), Some(840));
+        assert_eq!(parse("null").unwrap(), None);
+        assert!(parse("1.5").is_err());
+        assert!(parse("-3").is_err());
+        assert!(parse("\"10\"").is_err());
     }
 
     #[test]

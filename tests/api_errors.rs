@@ -319,7 +319,7 @@ fn openapi_and_health_need_no_token() {
     let (status, doc) = c.raw("GET", "/api/openapi.json", None, None);
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_str(&doc).unwrap();
-    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/api/tasks"]["post"].is_object());
     let (status, page) = c.raw("GET", "/", None, None);
     assert_eq!(status, 200);

@@ -53,36 +53,42 @@ pub(crate) enum Routed<'a> {
 
 pub(crate) fn route<'a>(method: &str, path: &'a str) -> Routed<'a> {
     let segs: Vec<&str> = path.split('/').skip(1).collect();
-    let mut allowed = Vec::new();
-    for (i, (m, pattern)) in ROUTES.iter().enumerate() {
+    // Every route whose pattern fits the path, with how many literal segments it has:
+    // only the most specific ones count (`/logs/upload` is not a `/logs/{phase}`).
+    let mut fits: Vec<(usize, usize, Vec<&'a str>)> = Vec::new();
+    for (i, (_, pattern)) in ROUTES.iter().enumerate() {
         let pat: Vec<&str> = pattern.split('/').skip(1).collect();
         if pat.len() != segs.len() {
             continue;
         }
         let mut caps = Vec::new();
+        let mut literals = 0;
         let matched = pat.iter().zip(&segs).all(|(p, s)| {
             if p.starts_with('{') {
                 caps.push(*s);
                 !s.is_empty()
             } else {
+                literals += 1;
                 p == s
             }
         });
-        if !matched {
-            continue;
+        if matched {
+            fits.push((i, literals, caps));
         }
-        if *m == method {
-            return Routed::Found(i, caps);
-        }
-        allowed.push(*m);
     }
-    if allowed.is_empty() {
-        Routed::NotFound
-    } else {
-        allowed.sort_unstable();
-        allowed.dedup();
-        Routed::WrongMethod(allowed)
+    let best = fits.iter().map(|f| f.1).max().unwrap_or(0);
+    fits.retain(|f| f.1 == best);
+    if let Some(pos) = fits.iter().position(|(i, _, _)| ROUTES[*i].0 == method) {
+        let (i, _, caps) = fits.swap_remove(pos);
+        return Routed::Found(i, caps);
     }
+    if fits.is_empty() {
+        return Routed::NotFound;
+    }
+    let mut allowed: Vec<&'static str> = fits.iter().map(|(i, _, _)| ROUTES[*i].0).collect();
+    allowed.sort_unstable();
+    allowed.dedup();
+    Routed::WrongMethod(allowed)
 }
 
 /// What a handler produced.
@@ -742,10 +748,14 @@ mod tests {
         assert_eq!(route("GET", "/api/tasks/T-1/logs"), Routed::NotFound);
         assert_eq!(route("GET", "/api/tasks//cancel"), Routed::NotFound);
         assert_eq!(route("GET", "/nope"), Routed::NotFound);
-        // The upload path only answers POST; GET there reads a phase called "upload".
+        // The upload path only answers POST: it is not a phase called "upload".
         assert_eq!(
             route("GET", "/api/tasks/T-1/logs/upload"),
-            Routed::Found(logs, vec!["T-1", "upload"])
+            Routed::WrongMethod(vec!["POST"])
+        );
+        assert_eq!(
+            route("POST", "/api/tasks/T-1/logs/plan"),
+            Routed::WrongMethod(vec!["GET"])
         );
     }
 

@@ -250,12 +250,19 @@ fn log_refusal(
     }
 }
 
+/// Decodes an agent's WS 1 text: its outbox number, if any, and the message. No I/O:
+/// the fuzz target `ws1_message` drives this directly.
+pub(crate) fn decode(text: &str) -> (Option<u64>, Result<AgentMsg, serde_json::Error>) {
+    let value = serde_json::from_str::<serde_json::Value>(text);
+    let seq = value.as_ref().ok().and_then(|v| v.get("seq")?.as_u64());
+    (seq, value.and_then(serde_json::from_value::<AgentMsg>))
+}
+
 impl Peer for AgentPeer {
     fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Flow {
         self.last_rx = Instant::now();
-        let value = serde_json::from_str::<serde_json::Value>(text);
-        let seq = value.as_ref().ok().and_then(|v| v.get("seq")?.as_u64());
-        match value.and_then(serde_json::from_value::<AgentMsg>) {
+        let (seq, msg) = decode(text);
+        match msg {
             Ok(msg) => self.on_msg(msg, out),
             // An agent newer than this server may send messages it does not know yet.
             Err(e) => log::warn!(

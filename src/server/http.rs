@@ -267,20 +267,9 @@ impl<S: Transport> Conn<S> {
         let mut chunk = [0u8; 4096];
         loop {
             if !self.buf.is_empty() {
-                let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-                let mut req = httparse::Request::new(&mut headers);
-                match req.parse(&self.buf) {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let head = to_head(&req)?;
-                        self.buf.drain(..n);
-                        return Ok(head);
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-                    Err(e) => return Err(HeadError::Malformed(e.to_string())),
-                }
-                if self.buf.len() >= self.limits.max_head_bytes {
-                    return Err(HeadError::TooLarge);
+                if let Some((head, n)) = parse_head(&self.buf, &self.limits)? {
+                    self.buf.drain(..n);
+                    return Ok(head);
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -432,6 +421,26 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+/// Parses a request head from the start of `buf`: `Ok(None)` while it is incomplete
+/// (and within the limits), else the head and its length in bytes. No I/O: the fuzz
+/// target `http_head` drives this directly.
+pub(crate) fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, HeadError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= limits.max_head_bytes => {
+            Ok(Some((to_head(&req)?, n)))
+        }
+        Ok(httparse::Status::Complete(_)) => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => {
+            Err(HeadError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
+    }
 }
 
 fn to_head(req: &httparse::Request<'_, '_>) -> Result<Head, HeadError> {
