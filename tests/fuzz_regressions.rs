@@ -4,10 +4,13 @@
 
 use std::path::Path;
 
+/// A fuzz target's name and entry point.
+type Target = (&'static str, fn(&[u8]));
+
 #[test]
 fn every_kept_fuzz_input_runs_without_a_panic() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
-    let targets: [(&str, fn(&[u8])); 3] = [
+    let targets: [Target; 3] = [
         ("http_head", iac::fuzzing::http_head),
         ("ws1_message", iac::fuzzing::ws1_message),
         ("upload", iac::fuzzing::upload),
