@@ -89,8 +89,7 @@ pub fn upload(data: &[u8]) {
     let _ = head.header(crate::protocol::SHA256_HEADER);
     let take = body.len().min(usize::try_from(len).unwrap_or(usize::MAX));
     let body = &body[..take];
-    use sha2::Digest;
-    let _ = crate::util::hex(&sha2::Sha256::digest(body));
+    let _ = crate::util::sha256_hex(body);
     let lines = log_lines(body);
     assert!(lines
         .iter()

@@ -120,6 +120,31 @@ impl ServerUrl {
     }
 }
 
+/// SHA-256, through ring (the crypto library TLS already uses).
+pub struct Sha256(ring::digest::Context);
+
+impl Default for Sha256 {
+    fn default() -> Self {
+        Sha256(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+}
+
+impl Sha256 {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The digest, hex encoded.
+    pub fn hex(self) -> String {
+        hex(self.0.finish().as_ref())
+    }
+}
+
+/// The hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// Exponential backoff with full jitter: the n-th wait is uniform in `[0, min(cap, base·2ⁿ)]`,
 /// never below `floor`. Full jitter spreads a fleet of agents that lost the server at
 /// the same moment, so they do not all come back in the same millisecond.
@@ -197,6 +222,18 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_600_800), "2026-11-25T10:00:00Z");
         assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
+
+    #[test]
+    fn sha256_of_known_input() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let mut h = Sha256::default();
+        h.update(b"a");
+        h.update(b"bc");
+        assert_eq!(h.hex(), sha256_hex(b"abc"));
     }
 
     #[test]

@@ -283,6 +283,13 @@ pub fn run<S: Transport>(
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(WsError::ConnectionClosed) => return Ok(end_of(closing, &peer_frame)),
                 Err(WsError::AlreadyClosed) => return Ok(end_of(closing, &peer_frame)),
+                Err(WsError::Capacity(e)) => {
+                    // Say why before hanging up: 1009 is "message too big".
+                    let reason = format!("message too big: {e}");
+                    if let Some(end) = follow(ws, &mut closing, Flow::Abort(1009, reason))? {
+                        return Ok(end);
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }

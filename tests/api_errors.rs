@@ -390,10 +390,7 @@ fn a_damaged_or_repeated_upload_keeps_one_whole_log() {
         raw_exchange(port, req.as_bytes())
     };
     let good = "line one\nline two\n";
-    let sha = |s: &str| {
-        use sha2::Digest;
-        iac::util::hex(&sha2::Sha256::digest(s.as_bytes()))
-    };
+    let sha = |s: &str| iac::util::sha256_hex(s.as_bytes());
     let (s, b) = upload("line one\nline tw0\n", &sha(good));
     assert_json_error(s, &b, 422, "damaged on the way");
     assert_eq!(
@@ -405,4 +402,68 @@ fn a_damaged_or_repeated_upload_keeps_one_whole_log() {
     assert_eq!(upload(good, &sha(good)).0, 200, "a repeated upload is fine");
     assert_eq!(c.log(&id, "plan"), (200, good.to_string()));
     assert_eq!(c.task(&id)["phases"]["plan"]["log_bytes"], good.len());
+}
+
+#[test]
+fn a_slow_head_and_an_oversized_frame_are_cut_off_while_others_are_served() {
+    let dir = TempDir::new("slow-head");
+    let server = Server::start(
+        &dir.path().join("data"),
+        0,
+        &["--head-timeout-ms", "1500", "--max-message-bytes", "4096"],
+    );
+    let c = server.client();
+    // A client that sends its head a byte at a time, never finishing.
+    let mut slow = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Meanwhile, everybody else is served.
+    for _ in 0..20 {
+        assert_eq!(
+            c.raw("GET", "/healthz", None, None),
+            (200, "ok".to_string())
+        );
+    }
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+
+    // An agent that sends a WebSocket message over the limit is cut off (1009).
+    let (status, reg) = c.raw(
+        "POST",
+        "/agents/register",
+        Some(REG_TOKEN),
+        Some(r#"{"name": "big", "plan_limit": 1}"#),
+    );
+    assert_eq!(status, 200);
+    let reg: Value = serde_json::from_str(&reg).unwrap();
+    let token = reg["agent_token"].as_str().unwrap();
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let uri = format!("ws://127.0.0.1:{}/agent/control", server.port)
+        .parse()
+        .unwrap();
+    let req = tungstenite::client::ClientRequestBuilder::new(uri)
+        .with_header("Authorization", format!("Bearer {token}"));
+    let (mut ws, _) = tungstenite::client::client(req, stream).unwrap();
+    let _ = ws.send(tungstenite::Message::text("x".repeat(10_000)));
+    let close = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    assert_eq!(close, Some(1009), "closed as too big");
+    assert_eq!(
+        c.raw("GET", "/healthz", None, None),
+        (200, "ok".to_string())
+    );
+    assert!(
+        c.agents().iter().all(|a| a["online"] == false),
+        "the agent was dropped"
+    );
 }

@@ -48,9 +48,8 @@ pub(crate) fn upload(ctx: &Ctx, task_id: &str, phase: Phase, path: &Path) -> Res
 
 /// The size and hex SHA-256 of a file.
 pub(crate) fn digest(path: &Path) -> io::Result<(u64, String)> {
-    use sha2::{Digest, Sha256};
     let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
+    let mut hasher = crate::util::Sha256::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut len = 0u64;
     loop {
@@ -61,7 +60,7 @@ pub(crate) fn digest(path: &Path) -> io::Result<(u64, String)> {
         hasher.update(&buf[..n]);
         len += n as u64;
     }
-    Ok((len, crate::util::hex(&hasher.finalize())))
+    Ok((len, hasher.hex()))
 }
 
 fn attempt_upload(ctx: &Ctx, url: &str, path: &Path) -> Result<(), (Option<u16>, String)> {

@@ -1,17 +1,15 @@
 //! Tokens: the API token and the registration token (from a flag, or generated on first
 //! start and kept 0600 in the data dir), and per-agent tokens, of which the store keeps
-//! only SHA-256 hashes. Comparisons are of hashes, in constant time.
+//! only SHA-256 hashes (ring). Comparisons are of hashes, in constant time.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 /// The hex SHA-256 of a token: what the server keeps and compares.
 pub(crate) fn hash(token: &str) -> String {
-    crate::util::hex(&Sha256::digest(token.as_bytes()))
+    crate::util::sha256_hex(token.as_bytes())
 }
 
 /// Whether `token` hashes to `expected_hash`, comparing in constant time.

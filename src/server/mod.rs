@@ -153,6 +153,11 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
         "seconds a task may run unless it asks otherwise (timeout_s); then it fails (default 14400)",
     ),
     (
+        "--head-timeout-ms",
+        "IAC_HEAD_TIMEOUT_MS",
+        "a request head must arrive within this time, or 408 (default 10000)",
+    ),
+    (
         "--max-connections",
         "IAC_MAX_CONNECTIONS",
         "connections served at once; more get 503 (default 20000)",
@@ -269,7 +274,15 @@ impl Config {
                 1024..=(1 << 30),
             )?,
             max_log_bytes: flags.number("--max-log-bytes", FLAGS, 1 << 30, 1024..=(1 << 40))?,
-            limits: http::Limits::default(),
+            limits: http::Limits {
+                head_timeout: Duration::from_millis(flags.number(
+                    "--head-timeout-ms",
+                    FLAGS,
+                    10_000,
+                    100..=600_000,
+                )?),
+                ..http::Limits::default()
+            },
             tls,
         })
     }

@@ -12,8 +12,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::util::Sha256;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use sha2::{Digest, Sha256};
 
 use super::lifecycle::{Outcome, TaskRecord};
 use crate::protocol::{
@@ -497,7 +497,7 @@ impl Store {
         let written = (|| -> Result<u64> {
             let mut f = HashingWriter {
                 file: File::create(&tmp)?,
-                hasher: Sha256::new(),
+                hasher: Sha256::default(),
             };
             let n = io::copy(&mut body.take(len), &mut f)?;
             if n != len {
@@ -507,7 +507,7 @@ impl Store {
                 )
                 .into());
             }
-            let got = crate::util::hex(&f.hasher.finalize());
+            let got = f.hasher.hex();
             if let Some(want) = sha256 {
                 if !got.eq_ignore_ascii_case(want.trim()) {
                     return Err(StoreError::Mismatch(format!(
@@ -746,7 +746,7 @@ mod tests {
         let mut text = String::new();
         f.read_to_string(&mut text).unwrap();
         assert_eq!(text, "first");
-        let sha = crate::util::hex(&Sha256::digest(b"second!"));
+        let sha = crate::util::sha256_hex(b"second!");
         s.save_log(&t.task_id, Phase::Plan, &mut &b"second!"[..], 7, Some(&sha))
             .unwrap();
         let (mut f, len) = s.open_log(&t.task_id, Phase::Plan).unwrap().unwrap();
