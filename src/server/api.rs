@@ -248,11 +248,17 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
         }
     };
     match ROUTES[index] {
-        ("GET", "/") => Ok(Reply::Answer(Response::text(
-            200,
-            "text/html; charset=utf-8",
-            include_str!("ui.html"),
-        ))),
+        ("GET", "/") => Ok(Reply::Answer(
+            Response::text(200, "text/html; charset=utf-8", include_str!("ui.html"))
+                // The page loads nothing from anywhere else, and may not.
+                .with_header(
+                    "Content-Security-Policy",
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'self'",
+                )
+                .with_header("X-Content-Type-Options", "nosniff")
+                .with_header("Referrer-Policy", "no-referrer"),
+        )),
         ("GET", "/healthz") => Ok(Reply::Answer(Response::text(200, "text/plain", "ok"))),
         ("GET", "/api/openapi.json") => Ok(Reply::Answer(Response::text(
             200,
