@@ -32,6 +32,7 @@ Commands:
   --server URL        the server (environment: IAC_SERVER; default http://127.0.0.1:8080)
   --token TOKEN       the API token (environment: IAC_API_TOKEN)
   --ca-cert PEM       trust this CA besides the system roots, for https:// (IAC_CA_CERT)
+  --version           print the version
 
 --var values that are JSON (numbers, true/false, lists, objects) are passed as such,
 anything else as a string. With --follow the exit code is 0 when the task succeeded
@@ -53,6 +54,7 @@ struct Args {
     status: Option<String>,
     follow: bool,
     help: bool,
+    version: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -79,6 +81,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--phase" => a.phase = Some(value(&mut it)?),
             "--status" => a.status = Some(value(&mut it)?),
             "--follow" | "-f" => a.follow = true,
+            "--version" => a.version = true,
             "--help" | "-h" => a.help = true,
             n if n.starts_with('-') => return Err(format!("unknown flag {n} (see iac --help)")),
             _ if a.command.is_empty() => a.command = arg.clone(),
@@ -110,6 +113,10 @@ fn parse_vars(items: &[String], typed: bool) -> Result<serde_json::Map<String, V
 /// Runs the client with `args` (without the program name).
 pub fn main(args: &[String]) -> Result<(), Failure> {
     let a = parse(args).map_err(Failure::Usage)?;
+    if a.version {
+        println!("iac {}", crate::VERSION);
+        return Ok(());
+    }
     if a.help || a.command.is_empty() {
         print!("{USAGE}");
         return if a.help {
