@@ -3,6 +3,7 @@
 //! `--version`. Small on purpose: the flag tables live next to each binary's `Config`.
 
 use std::ops::RangeInclusive;
+use std::time::Duration;
 
 /// A flag table row: flag, environment variable, help text.
 pub type FlagSpec = (&'static str, &'static str, &'static str);
@@ -149,6 +150,32 @@ pub fn exit_code(name: &str, result: Result<(), Failure>) -> std::process::ExitC
             eprintln!("{name}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+impl Flags {
+    /// A duration given in milliseconds (`--x-ms`), checked against `range`.
+    pub fn millis(
+        &self,
+        name: &str,
+        table: &[FlagSpec],
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Duration, String> {
+        self.number(name, table, default, range)
+            .map(Duration::from_millis)
+    }
+
+    /// A duration given in seconds (`--x-s`), checked against `range`.
+    pub fn secs(
+        &self,
+        name: &str,
+        table: &[FlagSpec],
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Duration, String> {
+        self.number(name, table, default, range)
+            .map(Duration::from_secs)
     }
 }
 

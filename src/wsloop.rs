@@ -527,20 +527,29 @@ mod tests {
         )
     }
 
-    #[test]
-    fn replies_pushes_from_mailbox_and_closes() {
-        let (mut server, mut client) = pair();
-        let (mbox, inbox) = mailbox().unwrap();
-        let h = thread::spawn(move || {
+    /// Runs the loop with an [`Echo`] peer on a thread of its own.
+    fn echo_on(
+        mut server: WebSocket<TcpStream>,
+        inbox: Inbox,
+        keepalive: Option<Keepalive>,
+    ) -> thread::JoinHandle<Result<End, WsError>> {
+        thread::spawn(move || {
             let mut echo = Echo { ticks: 0 };
             run(
                 &mut server,
                 &inbox,
                 Duration::from_secs(3600),
-                None,
+                keepalive,
                 &mut echo,
             )
-        });
+        })
+    }
+
+    #[test]
+    fn replies_pushes_from_mailbox_and_closes() {
+        let (server, mut client) = pair();
+        let (mbox, inbox) = mailbox().unwrap();
+        let h = echo_on(server, inbox, None);
         client.send(Message::text("hello")).unwrap();
         assert_eq!(client.read().unwrap(), Message::text("HELLO"));
         // A message pushed from another thread arrives while the loop sleeps in poll.
@@ -558,18 +567,9 @@ mod tests {
 
     #[test]
     fn dropping_every_mailbox_closes_with_1001() {
-        let (mut server, mut client) = pair();
+        let (server, mut client) = pair();
         let (mbox, inbox) = mailbox().unwrap();
-        let h = thread::spawn(move || {
-            let mut echo = Echo { ticks: 0 };
-            run(
-                &mut server,
-                &inbox,
-                Duration::from_secs(3600),
-                None,
-                &mut echo,
-            )
-        });
+        let h = echo_on(server, inbox, None);
         drop(mbox);
         match client.read().unwrap() {
             Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1001),
@@ -583,16 +583,7 @@ mod tests {
     fn a_reader_that_stalls_fills_its_bound_and_is_aborted() {
         let (mut server, client) = pair();
         let (mbox, inbox) = mailbox().unwrap();
-        let h = thread::spawn(move || {
-            let mut echo = Echo { ticks: 0 };
-            run(
-                &mut server,
-                &inbox,
-                Duration::from_secs(3600),
-                None,
-                &mut echo,
-            )
-        });
+        let h = echo_on(server, inbox, None);
         // The client never reads: kernel buffers, then tungstenite's, then the bound fill.
         let line = "x".repeat(1000);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -621,16 +612,7 @@ mod tests {
         let (mut server, mut client) = pair();
         let (_mbox, inbox) = mailbox().unwrap();
         let k = Keepalive::every(Duration::from_millis(50));
-        let h = thread::spawn(move || {
-            let mut echo = Echo { ticks: 0 };
-            run(
-                &mut server,
-                &inbox,
-                Duration::from_secs(3600),
-                Some(k),
-                &mut echo,
-            )
-        });
+        let h = echo_on(server, inbox, Some(k));
         // A client that reads (and so answers pings) keeps the connection up.
         let start = Instant::now();
         let mut pings = 0;

@@ -211,19 +211,9 @@ impl Config {
             work_dir: PathBuf::from(get("--work-dir").unwrap_or_else(|| "./iac-agent-work".into())),
             terraform: terraform_path(get("--terraform"))?,
             labels,
-            cancel_grace: Duration::from_secs(flags.number(
-                "--cancel-grace-s",
-                FLAGS,
-                60,
-                0..=86_400,
-            )?),
+            cancel_grace: flags.secs("--cancel-grace-s", FLAGS, 60, 0..=86_400)?,
             max_spool_bytes: flags.number("--max-spool-bytes", FLAGS, 1 << 30, 1024..=(1 << 50))?,
-            drain_timeout: Duration::from_secs(flags.number(
-                "--drain-timeout-s",
-                FLAGS,
-                600,
-                0..=7 * 86_400,
-            )?),
+            drain_timeout: flags.secs("--drain-timeout-s", FLAGS, 600, 0..=7 * 86_400)?,
         })
     }
 }

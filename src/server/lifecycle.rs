@@ -161,28 +161,31 @@ impl TaskRecord {
             s if s.is_terminal() => return Ok(Change::Unchanged),
             s => return Err(Refusal::Conflict(format!("the task is {s}, not running"))),
         }
-        self.status = match status {
-            FinalStatus::Succeeded => TaskStatus::Succeeded,
-            FinalStatus::Failed => TaskStatus::Failed,
-            FinalStatus::Canceled => TaskStatus::Canceled,
+        let (task, phase) = match status {
+            FinalStatus::Succeeded => (TaskStatus::Succeeded, PhaseStatus::Succeeded),
+            FinalStatus::Failed => (TaskStatus::Failed, PhaseStatus::Failed),
+            FinalStatus::Canceled => (TaskStatus::Canceled, PhaseStatus::Canceled),
         };
         self.exit_code = exit_code;
+        self.end(task, phase, now);
+        Ok(Change::Changed)
+    }
+
+    /// Ends the task with `status`: pending phases are skipped, a running one becomes
+    /// `running_phase`.
+    fn end(&mut self, status: TaskStatus, running_phase: PhaseStatus, now: &str) {
+        self.status = status;
         self.finished_at = Some(now.to_string());
         for p in self.phases.values_mut() {
             match p.status {
                 PhaseStatus::Pending => p.status = PhaseStatus::Skipped,
                 PhaseStatus::Running => {
-                    p.status = match status {
-                        FinalStatus::Succeeded => PhaseStatus::Succeeded,
-                        FinalStatus::Failed => PhaseStatus::Failed,
-                        FinalStatus::Canceled => PhaseStatus::Canceled,
-                    };
+                    p.status = running_phase;
                     p.finished_at = Some(now.to_string());
                 }
                 _ => {}
             }
         }
-        Ok(Change::Changed)
     }
 
     /// The agent vanished with the task and did not come back within the grace period.
@@ -191,18 +194,7 @@ impl TaskRecord {
         if self.status != TaskStatus::Running {
             return Ok(Change::Unchanged);
         }
-        self.status = TaskStatus::Lost;
-        self.finished_at = Some(now.to_string());
-        for p in self.phases.values_mut() {
-            match p.status {
-                PhaseStatus::Pending => p.status = PhaseStatus::Skipped,
-                PhaseStatus::Running => {
-                    p.status = PhaseStatus::Failed;
-                    p.finished_at = Some(now.to_string());
-                }
-                _ => {}
-            }
-        }
+        self.end(TaskStatus::Lost, PhaseStatus::Failed, now);
         Ok(Change::Changed)
     }
 
@@ -211,18 +203,7 @@ impl TaskRecord {
         if self.status != TaskStatus::Running {
             return Ok(Change::Unchanged);
         }
-        self.status = TaskStatus::Canceled;
-        self.finished_at = Some(now.to_string());
-        for p in self.phases.values_mut() {
-            match p.status {
-                PhaseStatus::Pending => p.status = PhaseStatus::Skipped,
-                PhaseStatus::Running => {
-                    p.status = PhaseStatus::Canceled;
-                    p.finished_at = Some(now.to_string());
-                }
-                _ => {}
-            }
-        }
+        self.end(TaskStatus::Canceled, PhaseStatus::Canceled, now);
         Ok(Change::Changed)
     }
 

@@ -235,24 +235,9 @@ impl Config {
             data_dir: PathBuf::from(get("--data-dir").unwrap_or_else(|| "./iac-data".into())),
             api_tokens: api_tokens(flags)?,
             registration_token: nonempty("--registration-token")?,
-            heartbeat_interval: Duration::from_millis(flags.number(
-                "--heartbeat-ms",
-                FLAGS,
-                5000,
-                100..=600_000,
-            )?),
-            ping_interval: Duration::from_millis(flags.number(
-                "--ping-interval-ms",
-                FLAGS,
-                20_000,
-                100..=600_000,
-            )?),
-            lost_grace: Duration::from_secs(flags.number(
-                "--lost-grace-s",
-                FLAGS,
-                300,
-                1..=(30 * 86_400),
-            )?),
+            heartbeat_interval: flags.millis("--heartbeat-ms", FLAGS, 5000, 100..=600_000)?,
+            ping_interval: flags.millis("--ping-interval-ms", FLAGS, 20_000, 100..=600_000)?,
+            lost_grace: flags.secs("--lost-grace-s", FLAGS, 300, 1..=(30 * 86_400))?,
             max_connections: flags.number("--max-connections", FLAGS, 20_000, 1..=1_000_000)?
                 as usize,
             max_message_bytes: flags.number(
@@ -261,12 +246,12 @@ impl Config {
                 16 << 20,
                 1024..=(1 << 30),
             )? as usize,
-            task_timeout: Duration::from_secs(flags.number(
+            task_timeout: flags.secs(
                 "--task-timeout-s",
                 FLAGS,
                 14_400,
                 1..=crate::protocol::MAX_TIMEOUT_S,
-            )?),
+            )?,
             max_request_bytes: flags.number(
                 "--max-request-bytes",
                 FLAGS,
@@ -275,12 +260,7 @@ impl Config {
             )?,
             max_log_bytes: flags.number("--max-log-bytes", FLAGS, 1 << 30, 1024..=(1 << 40))?,
             limits: http::Limits {
-                head_timeout: Duration::from_millis(flags.number(
-                    "--head-timeout-ms",
-                    FLAGS,
-                    10_000,
-                    100..=600_000,
-                )?),
+                head_timeout: flags.millis("--head-timeout-ms", FLAGS, 10_000, 100..=600_000)?,
                 ..http::Limits::default()
             },
             tls,
