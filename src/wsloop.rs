@@ -581,7 +581,7 @@ mod tests {
 
     #[test]
     fn a_reader_that_stalls_fills_its_bound_and_is_aborted() {
-        let (mut server, client) = pair();
+        let (server, client) = pair();
         let (mbox, inbox) = mailbox().unwrap();
         let h = echo_on(server, inbox, None);
         // The client never reads: kernel buffers, then tungstenite's, then the bound fill.
@@ -609,7 +609,7 @@ mod tests {
 
     #[test]
     fn pings_keep_a_peer_alive_and_silence_ends_the_loop() {
-        let (mut server, mut client) = pair();
+        let (server, mut client) = pair();
         let (_mbox, inbox) = mailbox().unwrap();
         let k = Keepalive::every(Duration::from_millis(50));
         let h = echo_on(server, inbox, Some(k));
