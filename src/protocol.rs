@@ -263,9 +263,9 @@ impl CreateTask {
             Some(v) => object_text("variables", v)?,
         };
         for (k, v) in &self.labels {
-            if k.is_empty() || k.len() > 63 || v.len() > 255 {
+            if !label_ok(k, v) {
                 return Err(format!(
-                    "label {k:?}: keys must be 1-63 bytes and values at most 255 bytes"
+                    "label {k:?}: keys must be 1-63 characters and values at most 255"
                 ));
             }
         }
@@ -280,9 +280,9 @@ impl CreateTask {
             || self
                 .sensitive_variables
                 .iter()
-                .any(|n| n.is_empty() || n.len() > 128)
+                .any(|n| n.is_empty() || n.chars().count() > 128)
         {
-            return Err("sensitive_variables: at most 256 names of 1-128 bytes".into());
+            return Err("sensitive_variables: at most 256 names of 1-128 characters".into());
         }
         Ok(NewTask {
             action: self.action,
@@ -293,6 +293,12 @@ impl CreateTask {
             sensitive_variables: self.sensitive_variables,
         })
     }
+}
+
+/// A label's limits, in characters (as JSON Schema's `maxLength` counts them).
+pub fn label_ok(key: &str, value: &str) -> bool {
+    let k = key.chars().count();
+    (1..=63).contains(&k) && value.chars().count() <= 255
 }
 
 /// A JSON object given as an object or as a string holding one, returned as compact text.
@@ -708,6 +714,19 @@ mod tests {
             lines.extend(s.finish());
             assert_eq!(lines, whole, "pieces of {piece}");
         }
+    }
+
+    #[test]
+    fn limits_count_characters_not_bytes() {
+        assert!(label_ok(&"é".repeat(63), &"𝐓".repeat(255)));
+        assert!(!label_ok("", "x"));
+        assert!(!label_ok(&"a".repeat(64), "x"));
+        let req: CreateTask = serde_json::from_str(&format!(
+            r#"{{"action": "plan", "tf_json": {{}}, "sensitive_variables": ["{}"]}}"#,
+            "𝐓".repeat(128)
+        ))
+        .unwrap();
+        assert!(req.normalize().is_ok());
     }
 
     #[test]

@@ -335,11 +335,11 @@ fn register(shared: &Shared, req: &mut Req<'_>) -> Handled {
         || body
             .labels
             .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255)
+            .any(|(k, v)| !crate::protocol::label_ok(k, v))
     {
         return Err(Response::error(
             400,
-            "at most 64 labels, keys 1-63 bytes, values at most 255 bytes",
+            "at most 64 labels, keys 1-63 characters, values at most 255",
         ));
     }
     let token = auth::new_token().map_err(|e| internal(e.into()))?;
