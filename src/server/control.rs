@@ -147,7 +147,9 @@ impl AgentPeer {
         }
     }
 
-    fn on_msg(&mut self, msg: AgentMsg, out: &mut Vec<String>) {
+    /// Handles one event. `false` when the store failed: the event is not kept, so it
+    /// must not be acknowledged (the agent sends it again).
+    fn on_msg(&mut self, msg: AgentMsg, out: &mut Vec<String>) -> bool {
         let shared = &self.shared;
         let agent = self.agent_id.as_str();
         let now = now_rfc3339();
@@ -159,7 +161,7 @@ impl AgentPeer {
             | AgentMsg::TaskFinished { task_id, .. } => {
                 if !valid_task_id(task_id) {
                     log::warn!("agent {agent} sent an invalid task id {task_id:?}");
-                    return;
+                    return true;
                 }
             }
         }
@@ -172,21 +174,23 @@ impl AgentPeer {
                 {
                     shared.kick();
                 }
-                return;
+                return true;
             }
             AgentMsg::TaskRejected { task_id, reason } => {
                 log::info!("agent {agent} rejected {task_id}: {reason}");
                 shared.registry().release(agent, &task_id);
                 shared.kick();
-                return;
+                return true;
             }
             AgentMsg::TaskAccepted { task_id } => {
                 let r = shared
                     .store
                     .update_task(&task_id, |t| t.accept(agent, &now));
                 match &r {
-                    Ok(Some((Ok(Change::Changed), _))) => {
-                        log::info!("task {task_id} running on {agent}")
+                    Ok(Some((Ok(Change::Changed), rec))) => {
+                        log::info!("task {task_id} running on {agent}");
+                        // Somebody may be waiting for it on WS 2 already.
+                        super::client_hub::kick_stream(shared, rec);
                     }
                     Ok(Some((Ok(Change::Unchanged), _))) => {}
                     Ok(Some((Err(refusal), _))) => {
@@ -230,8 +234,10 @@ impl AgentPeer {
             }
         };
         if let Err(e) = result {
-            log::error!("store: {e} (event from agent {agent})");
+            log::error!("store: {e} (event from agent {agent}; it will be sent again)");
+            return false;
         }
+        true
     }
 }
 
@@ -262,17 +268,20 @@ impl Peer for AgentPeer {
     fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> Flow {
         self.last_rx = Instant::now();
         let (seq, msg) = decode(text);
-        match msg {
+        let stored = match msg {
             Ok(msg) => self.on_msg(msg, out),
-            // An agent newer than this server may send messages it does not know yet.
-            Err(e) => log::warn!(
-                "agent {} sent a message this server cannot read: {e}",
-                self.agent_id
-            ),
-        }
-        // The event is stored (or could never be): the agent may forget it. An event
-        // that is not acknowledged would block the agent's outbox forever.
-        if let Some(seq) = seq {
+            // An agent newer than this server may send messages it does not know yet:
+            // acknowledged all the same, or it would block the agent's outbox forever.
+            Err(e) => {
+                log::warn!(
+                    "agent {} sent a message this server cannot read: {e}",
+                    self.agent_id
+                );
+                true
+            }
+        };
+        // The event is stored (or could never be): the agent may forget it.
+        if let (Some(seq), true) = (seq, stored) {
             out.push(command(&ServerMsg::Ack { seq }));
         }
         Flow::Continue
