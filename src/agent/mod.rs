@@ -85,6 +85,11 @@ pub const FLAGS: &[FlagSpec] = &[
         "logs waiting for the server above this: new tasks are rejected (default 1 GiB)",
     ),
     (
+        "--keep-logs-days",
+        "IAC_KEEP_LOGS_DAYS",
+        "days the agent keeps its copy of archived logs (default 7)",
+    ),
+    (
         "--drain-timeout-s",
         "IAC_DRAIN_TIMEOUT_S",
         "on SIGTERM, seconds running tasks may take to finish before they are canceled (default 600)",
@@ -114,6 +119,8 @@ pub struct Config {
     pub cancel_grace: Duration,
     pub drain_timeout: Duration,
     pub max_spool_bytes: u64,
+    /// How long the agent keeps its copy of logs the server has archived.
+    pub keep_logs: Duration,
 }
 
 fn hostname() -> String {
@@ -213,6 +220,9 @@ impl Config {
             labels,
             cancel_grace: flags.secs("--cancel-grace-s", FLAGS, 60, 0..=86_400)?,
             max_spool_bytes: flags.number("--max-spool-bytes", FLAGS, 1 << 30, 1024..=(1 << 50))?,
+            keep_logs: Duration::from_secs(
+                flags.number("--keep-logs-days", FLAGS, 7, 0..=3650)? * 86_400,
+            ),
             drain_timeout: flags.secs("--drain-timeout-s", FLAGS, 600, 0..=7 * 86_400)?,
         })
     }

@@ -172,12 +172,59 @@ impl Outbox {
     }
 }
 
+/// Removes the local logs of tasks older than `keep` whose uploads are not waiting in
+/// the outbox (the server has them). Returns how many tasks' logs went.
+pub(crate) fn prune_logs(work_dir: &Path, outbox: &Outbox, keep: Duration) -> usize {
+    let pending: std::collections::HashSet<String> = fs::read_dir(&outbox.dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| fs::read(e.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<Entry>(&b).ok())
+                .filter_map(|e| match e {
+                    Entry::Upload { task_id, .. } => Some(task_id),
+                    Entry::Event { .. } => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let Ok(dirs) = fs::read_dir(work_dir.join("logs")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for dir in dirs.filter_map(|e| e.ok()) {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        let old = dir
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > keep);
+        // A task still running here has its directory under tasks/: leave it alone.
+        let running = work_dir.join("tasks").join(&name).exists();
+        if old && !running && !pending.contains(&name) && fs::remove_dir_all(dir.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// How long to wait for an `ack` before sending an event again.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// The deliverer thread: hands entries to the server in order, forever.
 pub(crate) fn run(ctx: Arc<Ctx>) {
+    let mut next_prune = Instant::now();
     loop {
+        if Instant::now() >= next_prune {
+            next_prune = Instant::now() + Duration::from_secs(3600);
+            let removed = prune_logs(&ctx.config.work_dir, &ctx.outbox, ctx.config.keep_logs);
+            if removed > 0 {
+                log::info!(
+                    "removed the local logs of {removed} task(s) older than {} days",
+                    ctx.config.keep_logs.as_secs() / 86_400
+                );
+            }
+        }
         let (seq, entry) = match ctx.outbox.first(Duration::from_secs(60)) {
             Ok(Some(found)) => found,
             Ok(None) => continue,
@@ -295,6 +342,31 @@ mod tests {
         assert_eq!(ob.spool_bytes(&work), 1000);
         ob.remove(seq).unwrap();
         assert_eq!(ob.spool_bytes(&work), 0);
+        fs::remove_dir_all(work).unwrap();
+    }
+
+    #[test]
+    fn old_logs_go_unless_they_still_wait_for_the_server() {
+        let work = temp();
+        let ob = Outbox::open(&work.join("outbox")).unwrap();
+        for id in ["T-1", "T-2"] {
+            let log = super::super::runner::log_path(&work, id, Phase::Plan);
+            fs::create_dir_all(log.parent().unwrap()).unwrap();
+            fs::write(&log, "x").unwrap();
+        }
+        ob.push(&Entry::Upload {
+            task_id: "T-2".into(),
+            phase: Phase::Plan,
+        })
+        .unwrap();
+        assert_eq!(
+            prune_logs(&work, &ob, Duration::from_secs(3600)),
+            0,
+            "nothing is old yet"
+        );
+        assert_eq!(prune_logs(&work, &ob, Duration::ZERO), 1);
+        assert!(!work.join("logs/T-1").exists());
+        assert!(work.join("logs/T-2").exists(), "its upload still waits");
         fs::remove_dir_all(work).unwrap();
     }
 
