@@ -113,3 +113,73 @@ fn a_user_signs_in_watches_a_task_live_reads_its_log_and_cancels_another() {
         serde_json::Value::Null
     );
 }
+
+#[test]
+fn a_log_of_tens_of_mb_renders_in_frames_while_the_page_stays_usable() {
+    let dir = TempDir::new("web-ui-big");
+    let server = Server::start(&dir.path().join("data"), 0, &[]);
+    let client = server.client();
+    let _agent = Agent::start_with(
+        &server.url,
+        "agent-big",
+        &dir.path().join("work"),
+        &slow_terraform(),
+        &[],
+        &[("FAKE_BULK", "300000")],
+    );
+    client.wait_online("agent-big", Duration::from_secs(30));
+    let id = client.create_task(&json!({"action": "plan", "tf_json": {}}));
+    assert_eq!(client.wait_done(&id, LONG)["status"], "succeeded");
+    let (code, log) = client.log(&id, "plan");
+    assert_eq!(code, 200);
+    assert!(log.len() > 30_000_000, "{} bytes", log.len());
+    let total = log.lines().count() as u64;
+
+    let b = Browser::start();
+    b.go(&server.url);
+    b.type_into("#token", API_TOKEN);
+    b.click("#signin");
+    b.wait("#tasks");
+    // The page notes its longest main-thread task (Chromium reports those over 50 ms).
+    b.js(
+        "window.longest = 0; new PerformanceObserver((l) => { for (const e of l.getEntries()) \
+          window.longest = Math.max(window.longest, e.duration); }).observe({ type: 'longtask' });",
+    );
+    b.js(&format!("location.hash = '#/tasks/{id}'"));
+    let rendered = "const l = document.getElementById('log'); \
+                    return l ? Number(l.dataset.lines || 0) : 0";
+    // The page answers scripts while the log is still being rendered: the work is cut
+    // in frames, not done in one go.
+    let mut partial = None;
+    wait_for("every line of the log rendered", LONG, || {
+        let n = b.js(rendered).as_u64()?;
+        if n > 0 && n < total {
+            partial.get_or_insert(n);
+        }
+        (n == total).then_some(())
+    });
+    assert!(
+        partial.is_some(),
+        "the page never answered while it rendered"
+    );
+    // Figures, not bounds: the longest main-thread task and the JS heap.
+    eprintln!(
+        "a {} MiB log: {} lines; the page answered at {} lines; longest main-thread task {} ms; JS heap {} MiB",
+        log.len() >> 20,
+        total,
+        partial.unwrap(),
+        b.js("return Math.round(window.longest)"),
+        b.js("return performance.memory ? Math.round(performance.memory.usedJSHeapSize / 1048576) : -1")
+    );
+    // Its first and last lines are there, and the end can be scrolled to.
+    let first = b.js("return document.querySelector('#log .blk div').textContent");
+    assert_eq!(first.as_str(), log.lines().next());
+    let last = b.js(
+        "const l = document.getElementById('log'); l.scrollTop = l.scrollHeight; \
+         const bs = l.querySelectorAll('.blk'); return bs[bs.length - 1].lastChild.textContent",
+    );
+    assert_eq!(last.as_str(), log.lines().last());
+    // And the page still works.
+    b.click("a[href='#/tasks']");
+    b.wait(&format!("[data-task='{id}']"));
+}
