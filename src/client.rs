@@ -222,13 +222,13 @@ impl Api {
             Vec::new()
         };
         let tls = if url.tls {
-            Some(crate::tls::client_config(&roots)?)
+            Some(crate::tls::client_config(&roots, None)?)
         } else {
             None
         };
         let http = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
-                .tls_config(crate::tls::ureq_config(&roots))
+                .tls_config(crate::tls::ureq_config(&roots, None))
                 .http_status_as_error(false)
                 .timeout_global(Some(Duration::from_secs(60)))
                 .user_agent(format!("iac/{}", crate::VERSION))

@@ -2,7 +2,10 @@
 //! aws-lc). The server serves HTTPS and WSS on its one port with `--tls-cert/--tls-key`;
 //! the agent and `iac` verify the server against the system's roots plus an optional
 //! private CA (`--ca-cert`), host name included, for HTTP (ureq) and WebSockets alike.
-//! There is no fallback to plain text: an `https://` server is TLS or nothing.
+//! There is no fallback to plain text: an `https://` server is TLS or nothing. Mutual
+//! TLS is optional: with `--client-ca` the server verifies any client certificate it is
+//! given, the router demands one on agent endpoints, and the agent presents
+//! `--client-cert/--client-key` ([`Identity`]).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -22,27 +25,99 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server's TLS settings from a PEM certificate chain and a PEM private key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?
+fn load_chain(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     if chain.is_empty() {
-        return Err(format!(
-            "--tls-cert {}: no certificate in it",
-            cert.display()
-        ));
+        return Err(format!("{flag} {}: no certificate in it", path.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
-    let config = ServerConfig::builder_with_provider(provider())
+    Ok(chain)
+}
+
+fn load_key(path: &Path, flag: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+}
+
+/// The server's TLS settings from a PEM certificate chain and a PEM private key. With
+/// `client_ca`, a client may present a certificate, which must then be signed by that
+/// CA (mutual TLS); whether an endpoint demands one is the router's decision
+/// ([`ServerStream::client_certified`]), since browsers share the port with agents.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, String> {
+    let chain = load_chain(cert, "--tls-cert")?;
+    let key = load_key(key, "--tls-key")?;
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut store = RootCertStore::empty();
+            for c in load_chain(ca, "--client-ca")? {
+                store
+                    .add(c)
+                    .map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(store),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
         .with_single_cert(chain, key)
         .map_err(|e| format!("--tls-cert/--tls-key do not go together: {e}"))?;
     Ok(Arc::new(config))
+}
+
+/// A client's certificate chain and private key, for mutual TLS.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The key file as read, for ureq, which takes keys as PEM or in its own types.
+    key_pem: Vec<u8>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Identity {
+        Identity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({} certificates, a key)", self.chain.len())
+    }
+}
+
+impl Identity {
+    /// Reads `--client-cert` (PEM chain) and `--client-key` (PEM private key).
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, String> {
+        let key_pem =
+            std::fs::read(key).map_err(|e| format!("--client-key {}: {e}", key.display()))?;
+        let parsed = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| format!("--client-key {}: {e}", key.display()))?;
+        ureq::tls::PrivateKey::from_pem(&key_pem)
+            .map_err(|e| format!("--client-key {}: {e}", key.display()))?;
+        Ok(Identity {
+            chain: load_chain(cert, "--client-cert")?,
+            key: parsed,
+            key_pem,
+        })
+    }
 }
 
 /// The roots a client trusts: the system's, plus every certificate in `ca` (PEM).
@@ -63,28 +138,51 @@ pub fn roots(ca: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, String> 
     Ok(roots)
 }
 
-/// A client's TLS settings for WebSockets.
-pub fn client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, String> {
+/// A client's TLS settings for WebSockets, with a client certificate when given.
+pub fn client_config(
+    roots: &[CertificateDer<'static>],
+    identity: Option<&Identity>,
+) -> Result<Arc<ClientConfig>, String> {
     let mut store = RootCertStore::empty();
     let (_added, _ignored) = store.add_parsable_certificates(roots.iter().cloned());
-    let config = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(store)
-        .with_no_client_auth();
+        .with_root_certificates(store);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| format!("--client-cert/--client-key do not go together: {e}"))?,
+    };
     Ok(Arc::new(config))
 }
 
-/// ureq's TLS settings with the same roots and provider.
-pub fn ureq_config(roots: &[CertificateDer<'static>]) -> ureq::tls::TlsConfig {
+/// ureq's TLS settings with the same roots, provider and client certificate.
+pub fn ureq_config(
+    roots: &[CertificateDer<'static>],
+    identity: Option<&Identity>,
+) -> ureq::tls::TlsConfig {
     let certs = roots
         .iter()
         .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
         .collect();
+    let client_cert = identity.map(|id| {
+        use ureq::tls::{Certificate, PrivateKey};
+        let chain: Vec<Certificate<'static>> = id
+            .chain
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        // The key was read from this PEM already, so it parses again.
+        let key = PrivateKey::from_pem(&id.key_pem).expect("a key already parsed");
+        ureq::tls::ClientCert::new_with_certs(&chain, key)
+    });
     ureq::tls::TlsConfig::builder()
         .provider(ureq::tls::TlsProvider::Rustls)
         .unversioned_rustls_crypto_provider(provider())
         .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+        .client_cert(client_cert)
         .build()
 }
 
@@ -98,9 +196,31 @@ pub fn describe(e: &dyn std::fmt::Display) -> String {
         "TLS",
         "handshake",
         "CorruptMessage",
+        "alert",
     ];
     if tls_ish.iter().any(|k| s.contains(k)) && !s.starts_with("TLS: ") {
         explain(&s)
+    } else {
+        s
+    }
+}
+
+/// [`describe`], for a client that presents a certificate: a server that refuses it may
+/// close the connection before its TLS alert can be read, so a connection cut right
+/// there gets a hint too.
+pub fn describe_with_identity(e: &dyn std::fmt::Display, presents_cert: bool) -> String {
+    let s = describe(e);
+    let cut = [
+        "Broken pipe",
+        "Connection reset",
+        "UnexpectedEof",
+        "unexpected end",
+    ];
+    if presents_cert && cut.iter().any(|c| s.contains(c)) {
+        format!(
+            "{s} (the server closed the connection: if it demands client certificates, it \
+             may have refused this side's --client-cert; is it signed by the server's --client-ca?)"
+        )
     } else {
         s
     }
@@ -115,6 +235,16 @@ pub fn explain(e: &dyn std::fmt::Display) -> String {
         " (the server's certificate is not for the host name in the URL)"
     } else if s.contains("Expired") {
         " (the server's certificate has expired)"
+    } else if [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateRequired",
+        "CertificateUnknown",
+    ]
+    .iter()
+    .any(|a| s.contains(a))
+    {
+        " (the server refused this side's client certificate: --client-cert must be signed by the server's --client-ca)"
     } else if s.contains("CorruptMessage") || s.contains("InvalidContentType") {
         " (is the server speaking TLS? use http:// for a plain server)"
     } else {
@@ -138,6 +268,17 @@ impl ServerStream {
                 ServerStream::Tls(Box::new(StreamOwned::new(conn, tcp)))
             }
         })
+    }
+}
+
+impl ServerStream {
+    /// Whether the client presented a certificate, which rustls has then verified
+    /// against `--client-ca` (a client with a bad one never gets this far).
+    pub fn client_certified(&self) -> bool {
+        match self {
+            ServerStream::Plain(_) => false,
+            ServerStream::Tls(s) => s.conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+        }
     }
 }
 

@@ -141,3 +141,115 @@ fn the_agent_refuses_a_certificate_for_another_host_name() {
         .wait_line("registration failed", Duration::from_secs(30));
     assert!(line.contains("not for the host name"), "{line}");
 }
+
+#[test]
+fn with_a_client_ca_only_agents_holding_a_certificate_from_it_get_in() {
+    let dir = TempDir::new("mtls");
+    let pki = Pki::new(dir.path());
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let server = Server::start(
+        &dir.path().join("data"),
+        0,
+        &[
+            "--tls-cert",
+            &path(&pki.cert),
+            "--tls-key",
+            &path(&pki.key),
+            "--client-ca",
+            &path(&pki.client_ca),
+        ],
+    );
+    let ca = path(&pki.ca);
+    // Without a certificate: refused, with what to do, and the agent stops.
+    let bare = Agent::start(
+        &server.url,
+        "agent-bare",
+        &dir.path().join("work-bare"),
+        &["--ca-cert", &ca],
+    );
+    let line = bare
+        .proc
+        .wait_line("refused the registration", Duration::from_secs(30));
+    assert!(
+        line.contains("403") && line.contains("--client-cert"),
+        "{line}"
+    );
+    // With one from another CA: the handshake fails, and the agent says why.
+    let rogue = Agent::start(
+        &server.url,
+        "agent-rogue",
+        &dir.path().join("work-rogue"),
+        &[
+            "--ca-cert",
+            &ca,
+            "--client-cert",
+            &path(&pki.rogue_client_cert),
+            "--client-key",
+            &path(&pki.rogue_client_key),
+        ],
+    );
+    let line = rogue
+        .proc
+        .wait_line("registration failed", Duration::from_secs(30));
+    assert!(line.contains("--client-cert"), "{line}");
+    // With its certificate, the agent does everything: WS 1, a real Terraform run, the
+    // live log over WS 3 (followed by `iac`, which needs no certificate), the uploads.
+    let _agent = Agent::start(
+        &server.url,
+        "agent-m",
+        &dir.path().join("work"),
+        &[
+            "--ca-cert",
+            &ca,
+            "--client-cert",
+            &path(&pki.client_cert),
+            "--client-key",
+            &path(&pki.client_key),
+        ],
+    );
+    let client = Client::with_ca(&server.url, API_TOKEN, Some(&pki.ca));
+    client.wait_online("agent-m", Duration::from_secs(30));
+    let file = dir.path().join("hello.tf.json");
+    std::fs::write(&file, hello_config().to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_iac"))
+        .args([
+            "submit",
+            file.to_str().unwrap(),
+            "--action",
+            "apply",
+            "--var",
+            "name=mtls",
+            "--follow",
+            "--ca-cert",
+            &ca,
+        ])
+        .env("IAC_SERVER", &server.url)
+        .env("IAC_API_TOKEN", API_TOKEN)
+        .output()
+        .unwrap();
+    let stdout = strip_ansi(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("greeting = \"hello mtls\""), "{stdout}");
+    let (_, tasks) = client.call("GET", "/api/tasks", None);
+    let id = tasks["tasks"][0]["task_id"].as_str().unwrap();
+    assert!(strip_ansi(&client.log(id, "apply").1).contains("Apply complete!"));
+    let names: Vec<String> = client
+        .agents()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["agent-m"], "no other agent got in");
+    // An agent endpoint asked without a certificate, even with a valid token: 403.
+    let (status, body) = client.raw(
+        "POST",
+        "/agents/register",
+        Some(REG_TOKEN),
+        Some(r#"{"name":"x","hostname":"x","version":"0","plan_limit":1,"labels":{}}"#),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("mutual TLS"), "{body}");
+}

@@ -105,7 +105,10 @@ fn register(ctx: &Ctx) -> Result<Credentials, RegisterError> {
         .header("Authorization", format!("Bearer {}", c.registration_token))
         .header("Content-Type", "application/json")
         .send(body)
-        .map_err(|e| RegisterError::Retry(format!("{url}: {}", crate::tls::describe(&e))))?;
+        .map_err(|e| {
+            let why = crate::tls::describe_with_identity(&e, c.identity.is_some());
+            RegisterError::Retry(format!("{url}: {why}"))
+        })?;
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().unwrap_or_default();
     match status {

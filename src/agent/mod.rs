@@ -70,6 +70,16 @@ pub const FLAGS: &[FlagSpec] = &[
         "PEM CA bundle to trust besides the system roots (https only)",
     ),
     (
+        "--client-cert",
+        "IAC_CLIENT_CERT",
+        "PEM certificate chain this agent presents to the server (mutual TLS, with --client-key)",
+    ),
+    (
+        "--client-key",
+        "IAC_CLIENT_KEY",
+        "PEM private key of --client-cert",
+    ),
+    (
         "--label",
         "IAC_LABELS",
         "KEY=VALUE, repeatable (environment: k=v,k=v)",
@@ -107,6 +117,8 @@ pub struct Config {
     pub server: ServerUrl,
     /// The roots the agent trusts (system + `--ca-cert`), for an `https://` server.
     pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The client certificate and key for mutual TLS (`--client-cert/--client-key`).
+    pub identity: Option<crate::tls::Identity>,
     /// TLS for WebSockets to an `https://` server.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub registration_token: String,
@@ -203,12 +215,31 @@ impl Config {
         } else {
             Vec::new()
         };
+        let identity = match (get("--client-cert"), get("--client-key")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) if server.tls => Some(crate::tls::Identity::load(
+                std::path::Path::new(&cert),
+                std::path::Path::new(&key),
+            )?),
+            (Some(_), Some(_)) => {
+                return Err(
+                    "--client-cert is for an https:// server: a plain http:// one has no TLS to present it in"
+                        .into(),
+                )
+            }
+            _ => {
+                return Err(
+                    "--client-cert and --client-key go together: give both, or neither".into(),
+                )
+            }
+        };
         Ok(Config {
             tls: if server.tls {
-                Some(crate::tls::client_config(&roots)?)
+                Some(crate::tls::client_config(&roots, identity.as_ref())?)
             } else {
                 None
             },
+            identity,
             roots,
             server,
             registration_token,
@@ -411,7 +442,10 @@ pub fn run(config: Config) -> Result<(), Error> {
     })?;
     let http = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
-            .tls_config(crate::tls::ureq_config(&config.roots))
+            .tls_config(crate::tls::ureq_config(
+                &config.roots,
+                config.identity.as_ref(),
+            ))
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             // No pooled keep-alive connection: between uploads the agent holds WS 1 only.
@@ -521,6 +555,20 @@ mod tests {
             "0"
         ])
         .is_err());
+        let mtls = |server: &str, extra: &[&str]| {
+            let mut args = vec!["--server", server, "--registration-token", "t"];
+            args.extend(extra);
+            parse(&args).unwrap_err()
+        };
+        assert!(mtls("https://h", &["--client-cert", "c.pem"]).contains("go together"));
+        assert!(
+            mtls("http://h", &["--client-cert", "c", "--client-key", "k"]).contains("https://")
+        );
+        assert!(mtls(
+            "https://h",
+            &["--client-cert", "c", "--client-key", "/nonexistent"]
+        )
+        .contains("--client-key /nonexistent"));
     }
 
     #[test]

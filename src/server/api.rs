@@ -239,6 +239,9 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
             ))
         }
     };
+    if shared.config.agents_need_client_cert {
+        client_cert_check(ROUTES[index].1, req.conn.stream.client_certified())?;
+    }
     let task = || -> Result<&str, Response> {
         let id = caps[0];
         if valid_task_id(id) {
@@ -283,6 +286,30 @@ fn handle(shared: &Shared, req: &mut Req<'_>) -> Handled {
             format!("route {m} {p} has no handler"),
         )),
     }
+}
+
+/// Whether the route is one only agents use.
+pub(crate) fn agent_endpoint(pattern: &str) -> bool {
+    matches!(
+        pattern,
+        "/agents/register"
+            | "/agent/control"
+            | "/agent/stream/{task_id}"
+            | "/api/tasks/{task_id}/logs/upload"
+    )
+}
+
+/// With `--client-ca`, an agent endpoint needs a verified client certificate (mutual
+/// TLS); the others stay open to browsers and API clients, which hold no certificate.
+fn client_cert_check(pattern: &str, certified: bool) -> Result<(), Response> {
+    if agent_endpoint(pattern) && !certified {
+        return Err(Response::error(
+            403,
+            "this server requires agents to present a client certificate signed by its \
+             --client-ca (mutual TLS): start the agent with --client-cert and --client-key",
+        ));
+    }
+    Ok(())
 }
 
 fn client_auth(shared: &Shared, head: &Head) -> Result<(), Response> {
@@ -725,6 +752,35 @@ fn list_agents(shared: &Shared, head: &Head) -> Handled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_a_client_ca_only_agent_endpoints_need_a_client_certificate() {
+        let agent_routes: Vec<&str> = ROUTES
+            .iter()
+            .map(|r| r.1)
+            .filter(|p| agent_endpoint(p))
+            .collect();
+        assert_eq!(
+            agent_routes,
+            [
+                "/agents/register",
+                "/agent/control",
+                "/agent/stream/{task_id}",
+                "/api/tasks/{task_id}/logs/upload"
+            ]
+        );
+        for (_, pattern) in ROUTES {
+            assert!(client_cert_check(pattern, true).is_ok());
+            let without = client_cert_check(pattern, false);
+            if agent_endpoint(pattern) {
+                let resp = without.unwrap_err();
+                assert_eq!(resp.status, 403);
+                assert!(String::from_utf8_lossy(&resp.body).contains("--client-cert"));
+            } else {
+                assert!(without.is_ok(), "{pattern}: browsers hold no certificate");
+            }
+        }
+    }
 
     #[test]
     fn routes_and_methods() {

@@ -74,6 +74,8 @@ pub struct Config {
     pub(crate) limits: http::Limits,
     /// HTTPS/WSS on the listening port when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `--client-ca`: agent endpoints demand a client certificate signed by it.
+    pub agents_need_client_cert: bool,
 }
 
 impl fmt::Debug for Config {
@@ -91,6 +93,7 @@ impl fmt::Debug for Config {
                 &self.registration_token.as_ref().map(|_| "<redacted>"),
             )
             .field("tls", &self.tls.is_some())
+            .field("agents_need_client_cert", &self.agents_need_client_cert)
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +134,11 @@ pub const FLAGS: &[(&str, &str, &str)] = &[
         "--tls-key",
         "IAC_TLS_KEY",
         "PEM private key for HTTPS/WSS (with --tls-cert)",
+    ),
+    (
+        "--client-ca",
+        "IAC_CLIENT_CA",
+        "PEM CA bundle: agents must present a client certificate signed by it (mutual TLS; with --tls-cert)",
     ),
     (
         "--heartbeat-ms",
@@ -216,11 +224,16 @@ fn api_tokens(flags: &Flags) -> Result<Vec<String>, String> {
 impl Config {
     pub fn from_flags(flags: &Flags) -> Result<Config, String> {
         let get = |name: &str| flags.value(name, FLAGS);
+        let client_ca = get("--client-ca");
         let tls = match (get("--tls-cert"), get("--tls-key")) {
+            (None, None) if client_ca.is_some() => {
+                return Err("--client-ca needs TLS: give --tls-cert and --tls-key too".into())
+            }
             (None, None) => None,
             (Some(cert), Some(key)) => Some(crate::tls::server_config(
                 std::path::Path::new(&cert),
                 std::path::Path::new(&key),
+                client_ca.as_deref().map(std::path::Path::new),
             )?),
             _ => return Err("--tls-cert and --tls-key go together: give both, or neither".into()),
         };
@@ -264,6 +277,7 @@ impl Config {
                 ..http::Limits::default()
             },
             tls,
+            agents_need_client_cert: client_ca.is_some(),
         })
     }
 }
@@ -568,6 +582,9 @@ mod tests {
                 .unwrap_err()
                 .contains("--tls-cert /nonexistent")
         );
+        assert!(parse(&["--client-ca", "/nonexistent"])
+            .unwrap_err()
+            .contains("--client-ca needs TLS"));
         assert!(parse(&["--api-token", "short"])
             .unwrap_err()
             .contains("at least 16"));

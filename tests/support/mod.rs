@@ -222,7 +222,7 @@ impl Client {
             token: token.to_string(),
             http: ureq::Agent::new_with_config(
                 ureq::Agent::config_builder()
-                    .tls_config(iac::tls::ureq_config(&roots))
+                    .tls_config(iac::tls::ureq_config(&roots, None))
                     .http_status_as_error(false)
                     .timeout_global(Some(Duration::from_secs(30)))
                     .build(),
@@ -638,6 +638,13 @@ pub struct Pki {
     pub wrong_name_key: PathBuf,
     pub other_ca_cert: PathBuf,
     pub other_ca_key: PathBuf,
+    /// A CA for agents' client certificates (mutual TLS), and one it signed.
+    pub client_ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// A client certificate signed by the other CA.
+    pub rogue_client_cert: PathBuf,
+    pub rogue_client_key: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -681,6 +688,10 @@ fn make_ca(dir: &Path, name: &str) {
 }
 
 fn make_leaf(dir: &Path, ca: &str, name: &str, san: &str) {
+    make_cert(dir, ca, name, san, "serverAuth");
+}
+
+fn make_cert(dir: &Path, ca: &str, name: &str, san: &str, usage: &str) {
     openssl(
         dir,
         &[
@@ -700,7 +711,7 @@ fn make_leaf(dir: &Path, ca: &str, name: &str, san: &str) {
     );
     std::fs::write(
         dir.join(format!("{name}.ext")),
-        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage={usage}\n"),
     )
     .unwrap();
     openssl(
@@ -737,7 +748,15 @@ impl Pki {
             "other-server",
             "DNS:localhost,IP:127.0.0.1",
         );
+        make_ca(dir, "client-ca");
+        make_cert(dir, "client-ca", "agent", "DNS:agent-m", "clientAuth");
+        make_cert(dir, "other-ca", "rogue", "DNS:agent-m", "clientAuth");
         Pki {
+            client_ca: dir.join("client-ca.pem"),
+            client_cert: dir.join("agent.pem"),
+            client_key: dir.join("agent.key"),
+            rogue_client_cert: dir.join("rogue.pem"),
+            rogue_client_key: dir.join("rogue.key"),
             ca: dir.join("test-ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
