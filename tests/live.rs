@@ -192,8 +192,8 @@ fn a_viewer_that_never_reads_is_dropped_without_slowing_anything() {
     std::fs::write(&events, "").unwrap();
     let s = setup(
         "stalled",
-        // Each command takes 3 s, and plan prints 30 MB over 3 s more: a run of ~9 s,
-        // so 10 % is ~0.9 s, well above the jitter of a busy 2-core machine. The
+        // Each command takes 5 s, and plan prints 30 MB over 3 s more: a run of ~13 s,
+        // so 10 % is ~1.3 s, well above the jitter of a busy 2-core machine. The
         // 10 MB/s pace is what a fast Terraform run gives at most; a viewer that reads
         // keeps up with it even on a loaded machine (a debug-built test client that
         // reads a 30 MB burst all at once may not, and would rightly be dropped).
@@ -201,7 +201,7 @@ fn a_viewer_that_never_reads_is_dropped_without_slowing_anything() {
             ("FAKE_BULK", "300000"),
             ("FAKE_BULK_CHUNK", "10000"),
             ("FAKE_BULK_PAUSE", "0.1"),
-            ("FAKE_TF_SECONDS", "3"),
+            ("FAKE_TF_SECONDS", "5"),
             ("FAKE_TF_EVENTS", events.to_str().unwrap()),
         ],
         &[],
@@ -269,12 +269,11 @@ fn a_viewer_that_never_reads_is_dropped_without_slowing_anything() {
         got == expected,
         "the reading viewer's lines differ from the archive"
     );
-    // The figures are printed; the bound only catches a gross stall (a viewer's bound
-    // enforced by waiting, say), not the jitter of a loaded machine.
+    // The bound: within 10 % of an unwatched run (the figures are printed).
     let (d_unwatched, d_watched) = (duration(&unwatched), duration(&watched));
     eprintln!("task duration: unwatched {d_unwatched:.3} s, watched by a stalled and a reading viewer {d_watched:.3} s");
     assert!(
-        d_watched <= d_unwatched * 1.3,
+        d_watched <= d_unwatched * 1.1,
         "watched {d_watched:.2} s vs unwatched {d_unwatched:.2} s"
     );
     drop(stalled);
