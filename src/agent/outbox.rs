@@ -35,6 +35,9 @@ pub(crate) struct Outbox {
     dir: PathBuf,
     next: Mutex<u64>,
     added: Condvar,
+    /// [`Outbox::spool_bytes`] as last counted; dropped whenever an entry comes or goes
+    /// (a log is complete before its upload is queued, so nothing else changes it).
+    spool: Mutex<Option<u64>>,
 }
 
 fn seq_of(path: &Path) -> Option<u64> {
@@ -64,6 +67,7 @@ impl Outbox {
             dir: dir.to_path_buf(),
             next: Mutex::new(last + 1),
             added: Condvar::new(),
+            spool: Mutex::new(None),
         })
     }
 
@@ -82,6 +86,7 @@ impl Outbox {
         fs::rename(&tmp, self.dir.join(format!("{seq:020}.json")))?;
         File::open(&self.dir)?.sync_all()?;
         *next += 1;
+        self.forget_spool();
         self.added.notify_all();
         Ok(seq)
     }
@@ -122,6 +127,7 @@ impl Outbox {
                         path.display()
                     );
                     let _ = fs::rename(&path, path.with_extension("bad"));
+                    self.forget_spool();
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -134,16 +140,36 @@ impl Outbox {
         self.dir.join(format!("{seq:020}.json"))
     }
 
+    /// Called after every change to the entries: a count that ran meanwhile holds the
+    /// lock until it has stored its result, which this then drops.
+    fn forget_spool(&self) {
+        *self.spool.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The server has it: forget the entry.
     pub fn remove(&self, seq: u64) -> io::Result<()> {
-        match fs::remove_file(self.path(seq)) {
+        let removed = fs::remove_file(self.path(seq));
+        // After the change, so that a count running meanwhile is not kept.
+        self.forget_spool();
+        match removed {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
 
-    /// Bytes of logs waiting to be uploaded (the spool), under `work_dir`.
+    /// Bytes of logs waiting to be uploaded (the spool), under `work_dir`: counted once
+    /// and then remembered until the outbox changes.
     pub fn spool_bytes(&self, work_dir: &Path) -> u64 {
+        let mut cached = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = *cached {
+            return n;
+        }
+        let n = self.count_spool(work_dir);
+        *cached = Some(n);
+        n
+    }
+
+    fn count_spool(&self, work_dir: &Path) -> u64 {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return 0;
         };
@@ -339,6 +365,9 @@ mod tests {
                 phase: Phase::Plan,
             })
             .unwrap();
+        assert_eq!(ob.spool_bytes(&work), 1000);
+        // Remembered: a state message every few seconds does not read the outbox again.
+        fs::write(&log, vec![b'x'; 10]).unwrap();
         assert_eq!(ob.spool_bytes(&work), 1000);
         ob.remove(seq).unwrap();
         assert_eq!(ob.spool_bytes(&work), 0);
