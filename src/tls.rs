@@ -126,14 +126,7 @@ pub fn roots(ca: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, String> 
     let native = rustls_native_certs::load_native_certs();
     roots.extend(native.certs);
     if let Some(ca) = ca {
-        let extra: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| format!("--ca-cert {}: {e}", ca.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("--ca-cert {}: {e}", ca.display()))?;
-        if extra.is_empty() {
-            return Err(format!("--ca-cert {}: no certificate in it", ca.display()));
-        }
-        roots.extend(extra);
+        roots.extend(load_chain(ca, "--ca-cert")?);
     }
     Ok(roots)
 }
