@@ -88,6 +88,14 @@ fn a_user_signs_in_watches_a_task_live_reads_its_log_and_cancels_another() {
         .text("[data-phase=plan]")
         .unwrap()
         .contains("download log"));
+    // Downloading a log works; one that does not exist gives the server's message.
+    let download = |phase: &str| {
+        b.js(&format!(
+            "return download('{id}', '{phase}').then(() => 'downloaded', (e) => 'error ' + e.status)"
+        ))
+    };
+    assert_eq!(download("plan"), "downloaded");
+    assert_eq!(download("apply"), "error 404");
 
     // Cancel a running task from its page.
     let slow = client.create_task(
