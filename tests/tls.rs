@@ -24,6 +24,20 @@ fn tls_server(dir: &TempDir, cert: &std::path::Path, key: &std::path::Path) -> S
     )
 }
 
+/// Starts an agent that trusts the test CA against `server` and returns the line in
+/// which it says why its registration failed.
+fn failed_registration(dir: &TempDir, server: &Server, pki: &Pki) -> String {
+    let agent = Agent::start(
+        &server.url,
+        "agent-x",
+        &dir.path().join("work"),
+        &["--ca-cert", pki.ca.to_str().unwrap()],
+    );
+    agent
+        .proc
+        .wait_line("registration failed", Duration::from_secs(30))
+}
+
 #[test]
 fn the_whole_workflow_runs_over_tls_with_a_private_ca() {
     let dir = TempDir::new("tls");
@@ -105,15 +119,7 @@ fn the_agent_refuses_a_server_certificate_from_another_ca() {
     let dir = TempDir::new("tls-other-ca");
     let pki = Pki::new(dir.path());
     let server = tls_server(&dir, &pki.other_ca_cert, &pki.other_ca_key);
-    let agent = Agent::start(
-        &server.url,
-        "agent-x",
-        &dir.path().join("work"),
-        &["--ca-cert", pki.ca.to_str().unwrap()],
-    );
-    let line = agent
-        .proc
-        .wait_line("registration failed", Duration::from_secs(30));
+    let line = failed_registration(&dir, &server, &pki);
     assert!(
         line.contains("not signed by a CA this side trusts"),
         "{line}"
@@ -130,15 +136,7 @@ fn the_agent_refuses_a_certificate_for_another_host_name() {
     let dir = TempDir::new("tls-name");
     let pki = Pki::new(dir.path());
     let server = tls_server(&dir, &pki.wrong_name_cert, &pki.wrong_name_key);
-    let agent = Agent::start(
-        &server.url,
-        "agent-n",
-        &dir.path().join("work"),
-        &["--ca-cert", pki.ca.to_str().unwrap()],
-    );
-    let line = agent
-        .proc
-        .wait_line("registration failed", Duration::from_secs(30));
+    let line = failed_registration(&dir, &server, &pki);
     assert!(line.contains("not for the host name"), "{line}");
 }
 

@@ -687,10 +687,6 @@ fn make_ca(dir: &Path, name: &str) {
     );
 }
 
-fn make_leaf(dir: &Path, ca: &str, name: &str, san: &str) {
-    make_cert(dir, ca, name, san, "serverAuth");
-}
-
 fn make_cert(dir: &Path, ca: &str, name: &str, san: &str, usage: &str) {
     openssl(
         dir,
@@ -740,13 +736,26 @@ impl Pki {
     pub fn new(dir: &Path) -> Pki {
         make_ca(dir, "test-ca");
         make_ca(dir, "other-ca");
-        make_leaf(dir, "test-ca", "server", "DNS:localhost,IP:127.0.0.1");
-        make_leaf(dir, "test-ca", "wrong-name", "DNS:elsewhere.example");
-        make_leaf(
+        make_cert(
+            dir,
+            "test-ca",
+            "server",
+            "DNS:localhost,IP:127.0.0.1",
+            "serverAuth",
+        );
+        make_cert(
+            dir,
+            "test-ca",
+            "wrong-name",
+            "DNS:elsewhere.example",
+            "serverAuth",
+        );
+        make_cert(
             dir,
             "other-ca",
             "other-server",
             "DNS:localhost,IP:127.0.0.1",
+            "serverAuth",
         );
         make_ca(dir, "client-ca");
         make_cert(dir, "client-ca", "agent", "DNS:agent-m", "clientAuth");
